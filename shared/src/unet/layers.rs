@@ -1,0 +1,327 @@
+//! The UNet's building blocks, named as in diffusers so that checkpoints load by parameter name:
+//! sinusoidal timestep embedding, `TimestepEmbedding`, `ResnetBlock2D`, `Attention` (the spatial
+//! self-attention of `AttnDownBlock2D` & co.), `Downsample2D`, `Upsample2D`.
+
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{
+    Dropout, DropoutConfig, GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d,
+};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::config::TimeScaleShift;
+
+/// A 3×3 convolution with padding 1 (or `padding` on every side).
+pub(crate) fn conv3x3(c_in: usize, c_out: usize, device: &Device) -> Conv2d {
+    Conv2dConfig::new([c_in, c_out], [3, 3])
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .init(device)
+}
+
+/// GroupNorm; the config was validated, so `groups` divides `channels`.
+pub(crate) fn group_norm(groups: usize, channels: usize, eps: f64, device: &Device) -> GroupNorm {
+    GroupNormConfig::new(groups, channels)
+        .with_epsilon(eps)
+        .init(device)
+}
+
+/// Frequencies of the sinusoidal timestep embedding, computed in f32 in the same order of
+/// operations as diffusers' `get_timestep_embedding` so that the embeddings agree bit for bit
+/// in all but rare last-ulp cases: `exp(-ln(10000) * i / (half - shift))`.
+pub fn timestep_frequencies(dim: usize, freq_shift: f64) -> Vec<f32> {
+    let half = dim / 2;
+    let log_max_period = -(10_000f64.ln()) as f32;
+    let denominator = (half as f64 - freq_shift) as f32;
+    (0..half)
+        .map(|i| {
+            let exponent = log_max_period * i as f32 / denominator;
+            (exponent as f64).exp() as f32
+        })
+        .collect()
+}
+
+/// Sinusoidal embedding of (possibly fractional) timesteps, as diffusers' `Timesteps` module.
+///
+/// # Shapes
+/// - timesteps: `[batch]`
+/// - output: `[batch, dim]`
+pub fn timestep_embedding(
+    timesteps: Tensor<1>,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Tensor<2> {
+    let device = timesteps.device();
+    let [batch] = timesteps.dims();
+    let freqs = timestep_frequencies(dim, freq_shift);
+    let half = freqs.len();
+    let freqs = Tensor::<1>::from_data(TensorData::new(freqs, [half]), &device);
+    let args = timesteps.reshape([batch, 1]) * freqs.reshape([1, half]); // [batch, half]
+    let (first, second) = if flip_sin_to_cos {
+        (args.clone().cos(), args.sin())
+    } else {
+        (args.clone().sin(), args.cos())
+    };
+    let emb = Tensor::cat(vec![first, second], 1); // [batch, 2 * half]
+    if dim % 2 == 1 {
+        let pad = Tensor::zeros([batch, 1], &device);
+        Tensor::cat(vec![emb, pad], 1)
+    } else {
+        emb
+    }
+}
+
+/// Two-layer MLP on the sinusoidal embedding (diffusers `TimestepEmbedding`).
+#[derive(Module, Debug)]
+pub struct TimestepEmbedding {
+    /// `[in_dim] → [time_embed_dim]`
+    pub linear_1: Linear,
+    /// `[time_embed_dim] → [time_embed_dim]`
+    pub linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    /// Build with the given input and output widths.
+    pub fn new(in_dim: usize, out_dim: usize, device: &Device) -> Self {
+        Self {
+            linear_1: LinearConfig::new(in_dim, out_dim).init(device),
+            linear_2: LinearConfig::new(out_dim, out_dim).init(device),
+        }
+    }
+
+    /// # Shapes
+    /// - input: `[batch, in_dim]`, output: `[batch, out_dim]`
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let x = self.linear_1.forward(x);
+        let x = silu(x);
+        self.linear_2.forward(x)
+    }
+}
+
+/// Settings shared by every ResNet block of a model.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ResnetSettings {
+    pub temb_channels: usize,
+    pub groups: usize,
+    pub eps: f64,
+    pub dropout: f64,
+    pub output_scale_factor: f64,
+    pub time_scale_shift: TimeScaleShift,
+}
+
+/// Pre-activation ResNet block with a timestep embedding (diffusers `ResnetBlock2D`):
+/// GroupNorm → SiLU → conv → (+ time) → GroupNorm → SiLU → dropout → conv, plus a 1×1 shortcut
+/// when the channel count changes.
+#[derive(Module, Debug)]
+pub struct ResnetBlock2D {
+    /// Norm before the first conv.
+    pub norm1: GroupNorm,
+    /// First 3×3 conv.
+    pub conv1: Conv2d,
+    /// Projection of the time embedding to the block's channels (×2 for scale-shift).
+    pub time_emb_proj: Linear,
+    /// Norm before the second conv.
+    pub norm2: GroupNorm,
+    /// Dropout before the second conv.
+    pub dropout: Dropout,
+    /// Second 3×3 conv.
+    pub conv2: Conv2d,
+    /// 1×1 conv on the skip path when in and out channels differ.
+    pub conv_shortcut: Option<Conv2d>,
+    /// `output = (input + h) / output_scale_factor`.
+    pub output_scale_factor: f64,
+    /// Whether the time embedding is a scale and shift (FiLM) rather than a bias.
+    pub scale_shift: bool,
+}
+
+impl ResnetBlock2D {
+    pub(crate) fn new(c_in: usize, c_out: usize, s: &ResnetSettings, device: &Device) -> Self {
+        let scale_shift = s.time_scale_shift == TimeScaleShift::ScaleShift;
+        let temb_out = if scale_shift { 2 * c_out } else { c_out };
+        Self {
+            norm1: group_norm(s.groups, c_in, s.eps, device),
+            conv1: conv3x3(c_in, c_out, device),
+            time_emb_proj: LinearConfig::new(s.temb_channels, temb_out).init(device),
+            norm2: group_norm(s.groups, c_out, s.eps, device),
+            dropout: DropoutConfig::new(s.dropout).init(),
+            conv2: conv3x3(c_out, c_out, device),
+            conv_shortcut: (c_in != c_out)
+                .then(|| Conv2dConfig::new([c_in, c_out], [1, 1]).init(device)),
+            output_scale_factor: s.output_scale_factor,
+            scale_shift,
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[batch, c_in, h, w]`, temb: `[batch, temb_channels]`
+    /// - output: `[batch, c_out, h, w]`
+    pub fn forward(&self, x: Tensor<4>, temb: Tensor<2>) -> Tensor<4> {
+        let input = x.clone();
+        let h = self.norm1.forward(x);
+        let h = silu(h);
+        let h = self.conv1.forward(h); // [batch, c_out, h, w]
+        let [batch, channels, _, _] = h.dims();
+        let temb = self.time_emb_proj.forward(silu(temb)); // [batch, c_out or 2 c_out]
+        let h = if self.scale_shift {
+            let temb = temb.reshape([batch, 2 * channels, 1, 1]);
+            let scale = temb.clone().narrow(1, 0, channels);
+            let shift = temb.narrow(1, channels, channels);
+            let h = self.norm2.forward(h);
+            h.clone() * scale + h + shift
+        } else {
+            let h = h + temb.reshape([batch, channels, 1, 1]);
+            self.norm2.forward(h)
+        };
+        let h = silu(h);
+        let h = self.dropout.forward(h);
+        let h = self.conv2.forward(h);
+        let input = match &self.conv_shortcut {
+            Some(conv) => conv.forward(input),
+            None => input,
+        };
+        let out = input + h;
+        if self.output_scale_factor == 1.0 {
+            out
+        } else {
+            out.div_scalar(self.output_scale_factor)
+        }
+    }
+}
+
+/// Spatial multi-head self-attention with a residual connection (diffusers `Attention` as built
+/// by `AttnDownBlock2D`, `UNetMidBlock2D` and `AttnUpBlock2D`).
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// Norm over the channels before the projections (absent in the middle block of a
+    /// scale-shift model without `attn_norm_num_groups`, as in diffusers).
+    pub group_norm: Option<GroupNorm>,
+    /// Query projection.
+    pub to_q: Linear,
+    /// Key projection.
+    pub to_k: Linear,
+    /// Value projection.
+    pub to_v: Linear,
+    /// Output projection (diffusers keeps it in a list with a dropout: `to_out.0`).
+    pub to_out: Vec<Linear>,
+    /// Number of heads.
+    pub heads: usize,
+    /// Channels per head.
+    pub head_dim: usize,
+    /// `output = (attention + input) / rescale_output_factor`.
+    pub rescale_output_factor: f64,
+}
+
+impl Attention {
+    pub(crate) fn new(
+        channels: usize,
+        head_dim: usize,
+        groups: Option<usize>,
+        eps: f64,
+        rescale_output_factor: f64,
+        device: &Device,
+    ) -> Self {
+        let heads = channels / head_dim;
+        let inner = heads * head_dim;
+        Self {
+            group_norm: groups.map(|g| group_norm(g, channels, eps, device)),
+            to_q: LinearConfig::new(channels, inner).init(device),
+            to_k: LinearConfig::new(channels, inner).init(device),
+            to_v: LinearConfig::new(channels, inner).init(device),
+            to_out: vec![LinearConfig::new(inner, channels).init(device)],
+            heads,
+            head_dim,
+            rescale_output_factor,
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[batch, channels, h, w]`, output: the same
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let [batch, channels, height, width] = x.dims();
+        let (heads, head_dim) = (self.heads, self.head_dim);
+        let len = height * width;
+        let residual = x.clone();
+        let x = match &self.group_norm {
+            Some(norm) => norm.forward(x),
+            None => x,
+        };
+        let x = x.reshape([batch, channels, len]).swap_dims(1, 2); // [batch, len, channels]
+        let split = |t: Tensor<3>| t.reshape([batch, len, heads, head_dim]).swap_dims(1, 2);
+        let q = split(self.to_q.forward(x.clone())); // [batch, heads, len, head_dim]
+        let k = split(self.to_k.forward(x.clone())); // [batch, heads, len, head_dim]
+        let v = split(self.to_v.forward(x)); // [batch, heads, len, head_dim]
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale); // [batch, heads, len, len]
+        let weights = softmax(scores, 3);
+        let out = weights.matmul(v); // [batch, heads, len, head_dim]
+        let out = out.swap_dims(1, 2).reshape([batch, len, heads * head_dim]);
+        let out = self.to_out[0].forward(out); // [batch, len, channels]
+        let out = out
+            .swap_dims(1, 2)
+            .reshape([batch, channels, height, width]);
+        let out = out + residual;
+        if self.rescale_output_factor == 1.0 {
+            out
+        } else {
+            out.div_scalar(self.rescale_output_factor)
+        }
+    }
+}
+
+/// Stride-2 3×3 conv (diffusers `Downsample2D` with `use_conv=True`).
+#[derive(Module, Debug)]
+pub struct Downsample2D {
+    /// The strided conv.
+    pub conv: Conv2d,
+}
+
+impl Downsample2D {
+    pub(crate) fn new(channels: usize, padding: usize, device: &Device) -> Self {
+        // diffusers pads right and bottom by one when `downsample_padding` is 0.
+        let padding = if padding == 0 {
+            PaddingConfig2d::Explicit(0, 0, 1, 1)
+        } else {
+            PaddingConfig2d::Explicit(padding, padding, padding, padding)
+        };
+        let conv = Conv2dConfig::new([channels, channels], [3, 3])
+            .with_stride([2, 2])
+            .with_padding(padding)
+            .init(device);
+        Self { conv }
+    }
+
+    /// # Shapes
+    /// - x: `[batch, c, h, w]`, output: `[batch, c, h / 2, w / 2]`
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.conv.forward(x)
+    }
+}
+
+/// Nearest-neighbour ×2 upsampling followed by a 3×3 conv (diffusers `Upsample2D`).
+#[derive(Module, Debug)]
+pub struct Upsample2D {
+    /// The conv after upsampling.
+    pub conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub(crate) fn new(channels: usize, device: &Device) -> Self {
+        Self {
+            conv: conv3x3(channels, channels, device),
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[batch, c, h, w]`, output: `[batch, c, 2h, 2w]`
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let [_, _, h, w] = x.dims();
+        let x = interpolate(
+            x,
+            InterpolateOptions::new(InterpolateMode::Nearest).with_output_size([2 * h, 2 * w]),
+        );
+        self.conv.forward(x)
+    }
+}
