@@ -292,26 +292,26 @@ impl NoiseSchedule {
             alphas_cumprod.iter().map(|a| (1.0 - a).sqrt()).collect();
 
         let n = betas.len();
-        let mut posterior_variance = Vec::with_capacity(n);
-        let mut posterior_mean_coef1 = Vec::with_capacity(n);
-        let mut posterior_mean_coef2 = Vec::with_capacity(n);
-        for t in 0..n {
-            // 1 − ᾱ_t ≥ β_0 > 0 since every β is positive; the guard keeps an f64 underflow of
-            // a tiny β_0 from dividing by zero (the limit there is x_{t−1} = x_0).
-            let one_minus = 1.0 - alphas_cumprod[t];
-            let (variance, coef1, coef2) = if one_minus > 0.0 {
-                (
-                    betas[t] * (1.0 - alphas_cumprod_prev[t]) / one_minus,
-                    betas[t] * alphas_cumprod_prev[t].sqrt() / one_minus,
-                    (1.0 - alphas_cumprod_prev[t]) * alphas[t].sqrt() / one_minus,
-                )
-            } else {
-                (0.0, 1.0, 0.0)
-            };
-            posterior_variance.push(variance);
-            posterior_mean_coef1.push(coef1);
-            posterior_mean_coef2.push(coef2);
-        }
+        // (β̃_t, coef1_t, coef2_t). 1 − ᾱ_t ≥ β_0 > 0 since every β is positive; the guard keeps
+        // an f64 underflow of a tiny β_0 from dividing by zero (the limit there is x_{t−1} = x_0).
+        let posterior: Vec<(f64, f64, f64)> = (0..n)
+            .map(|t| {
+                let one_minus = 1.0 - alphas_cumprod[t];
+                let prev = alphas_cumprod_prev[t];
+                if one_minus > 0.0 {
+                    (
+                        betas[t] * (1.0 - prev) / one_minus,
+                        betas[t] * prev.sqrt() / one_minus,
+                        (1.0 - prev) * alphas[t].sqrt() / one_minus,
+                    )
+                } else {
+                    (0.0, 1.0, 0.0)
+                }
+            })
+            .collect();
+        let posterior_variance: Vec<f64> = posterior.iter().map(|p| p.0).collect();
+        let posterior_mean_coef1 = posterior.iter().map(|p| p.1).collect();
+        let posterior_mean_coef2 = posterior.iter().map(|p| p.2).collect();
         let posterior_log_variance_clipped = (0..n)
             .map(|t| {
                 let v = if t == 0 && n > 1 {

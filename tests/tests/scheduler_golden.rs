@@ -296,7 +296,7 @@ impl NoiseSource for FixtureNoise {
 enum AnySampler {
     Ddpm(DdpmSampler),
     Ddim(DdimSampler),
-    Dpm(DpmSolverSampler),
+    Dpm(Box<DpmSolverSampler>),
 }
 
 impl AnySampler {
@@ -317,7 +317,7 @@ impl AnySampler {
             }
             SamplerKind::DpmSolverPlusPlus => {
                 let o: DpmSolverOptions = serde_json::from_value(options).unwrap();
-                Self::Dpm(DpmSolverSampler::new(schedule, steps, o).unwrap())
+                Self::Dpm(Box::new(DpmSolverSampler::new(schedule, steps, o).unwrap()))
             }
         }
     }

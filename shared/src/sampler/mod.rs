@@ -55,7 +55,7 @@ pub struct StepOutput {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TimestepSpacing {
-    /// `"leading"`: 0, k, 2k, … with k = ⌊T/N⌋, plus `steps_offset` (never reaches t = T−1).
+    /// `"leading"`: (N−1)k, …, k, 0 with k = ⌊T/N⌋, plus `steps_offset` (starts below T−1).
     Leading,
     /// `"trailing"`: T−1, T−1−T/N, … (starts at the last training timestep).
     Trailing,
