@@ -9,6 +9,8 @@ apt_packages=()
 # lavapipe, Mesa's software Vulkan driver: lets the wgpu backend run (and be tested) without a GPU.
 [ -e /usr/share/vulkan/icd.d/lvp_icd.x86_64.json ] || ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1 \
   || apt_packages+=(mesa-vulkan-drivers)
+# Fashion-MNIST (60k + 10k images, IDX format): the trainer's default data set and its tests.
+[ -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || apt_packages+=(dataset-fashion-mnist)
 # node runs the wasm32 build of the portable noise generator.
 command -v node >/dev/null 2>&1 || apt_packages+=(nodejs)
 if [ ${#apt_packages[@]} -gt 0 ]; then

@@ -1,1 +1,56 @@
-fn main() {}
+//! `ddpm`: train denoising diffusion models on your GPU (or CPU), sample them, and export model
+//! files for the web page.
+
+mod backend;
+mod checkpoint;
+mod data;
+mod ema;
+mod images;
+mod sample;
+mod train;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::{Parser, Subcommand};
+
+/// Denoising diffusion probabilistic models: train, sample, export, import.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train a model on a data set (or continue a run with --resume).
+    Train(Box<train::TrainArgs>),
+    /// Generate images from a model file.
+    Sample(sample::SampleArgs),
+    /// Write a model file (optionally f16) from a run, a checkpoint or another model file.
+    Export(sample::ExportArgs),
+    /// Convert a Hugging Face diffusers UNet2DModel directory into a model file.
+    Import(sample::ImportArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Train(args) => {
+            // Ctrl-C asks the loop to save a checkpoint and stop; a second Ctrl-C exits at once
+            // (the checkpoint files are written atomically, so nothing is left half-written).
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            ctrlc::set_handler(move || {
+                if flag.swap(true, Ordering::SeqCst) {
+                    std::process::exit(130);
+                }
+            })?;
+            train::run(*args, stop)
+        }
+        Command::Sample(args) => sample::run(args),
+        Command::Export(args) => sample::export(args),
+        Command::Import(args) => sample::import(args),
+    }
+}

@@ -1,0 +1,391 @@
+//! `ddpm sample`, `ddpm export`, `ddpm import`: from a model file to pictures or raw floats,
+//! and between model-file flavours.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use burn::tensor::{Tensor, TensorData};
+use clap::{Args, ValueEnum};
+use ddpm::model_file::{self, StoreDType};
+use ddpm::pipeline::{GenerateOptions, Generation};
+use ddpm::sampler::{SamplerKind, SamplerOptions, build_sampler};
+use ddpm::schedule::NoiseSchedule;
+use npyz::WriterBuilder;
+
+use crate::backend::{self, BackendChoice};
+use crate::checkpoint;
+use crate::images;
+
+/// Output formats of `ddpm sample`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// One PNG grid (rows are trajectory frames with --frames).
+    Png,
+    /// One PNG per image in the directory given by --out.
+    Pngs,
+    /// The raw final samples as a float32 `.npy` array `[n, channels, h, w]` in [-1, 1].
+    Npy,
+}
+
+/// `ddpm sample` flags.
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    /// Model file (`model.safetensors` of a run, or an exported / imported file).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Number of images.
+    #[arg(long, default_value_t = 16)]
+    pub n: usize,
+    /// Sampler.
+    #[arg(long, default_value = "ddim", value_parser = parse_sampler)]
+    pub sampler: SamplerKind,
+    /// Number of denoising steps (model evaluations).
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// DDIM's η (0 = deterministic, 1 = as noisy as DDPM).
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+    /// Seed of the initial noise and of every noise draw after it.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Class (name or number) for a class-conditional model.
+    #[arg(long)]
+    pub class: Option<String>,
+    /// Classifier-free guidance scale (1 = none).
+    #[arg(long, default_value_t = 1.0)]
+    pub guidance: f64,
+    /// Save K frames of the denoising trajectory (rows of the grid, noise to image).
+    #[arg(long)]
+    pub frames: Option<usize>,
+    /// Start from this x_T (`.npy`, float32, `[n, channels, h, w]`) instead of seeded noise.
+    #[arg(long)]
+    pub noise: Option<PathBuf>,
+    /// Don't clip the predicted x_0 to [-1, 1] at each step.
+    #[arg(long)]
+    pub no_clip: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "png")]
+    pub format: Format,
+    /// Output file (png, npy) or directory (pngs).
+    #[arg(long, default_value = "samples.png")]
+    pub out: PathBuf,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendChoice,
+}
+
+fn parse_sampler(s: &str) -> Result<SamplerKind, String> {
+    s.parse().map_err(|e: ddpm::Error| e.to_string())
+}
+
+/// Read a float32 `.npy` array of rank 4.
+pub fn read_npy(path: &Path) -> Result<(Vec<f32>, [usize; 4])> {
+    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let npy = npyz::NpyFile::new(&bytes[..])
+        .with_context(|| format!("{}: not a .npy file", path.display()))?;
+    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    let shape: [usize; 4] = shape.clone().try_into().map_err(|_| {
+        anyhow::anyhow!(
+            "{}: shape {shape:?} is not [n, channels, height, width]",
+            path.display()
+        )
+    })?;
+    let values: Vec<f32> = npy
+        .into_vec::<f32>()
+        .with_context(|| format!("{}: expected float32 data", path.display()))?;
+    ensure!(
+        values.len() == shape.iter().product::<usize>(),
+        "{}: truncated data",
+        path.display()
+    );
+    ensure!(
+        values.iter().all(|v| v.is_finite()),
+        "{}: holds NaN or infinite values",
+        path.display()
+    );
+    Ok((values, shape))
+}
+
+/// Write a float32 `.npy` array.
+pub fn write_npy(path: &Path, values: &[f32], shape: &[usize]) -> Result<()> {
+    let mut bytes = Vec::new();
+    {
+        let mut writer = npyz::WriteOptions::<f32>::new()
+            .default_dtype()
+            .shape(&shape.iter().map(|&d| d as u64).collect::<Vec<_>>())
+            .writer(&mut bytes)
+            .begin_nd()?;
+        writer.extend(values.iter().copied())?;
+        writer.finish()?;
+    }
+    checkpoint::write_atomic(path, &bytes)
+}
+
+/// Run `ddpm sample`.
+pub fn run(args: SampleArgs) -> Result<()> {
+    let bytes =
+        fs::read(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+    let info = model_file::read_info(&bytes)
+        .with_context(|| format!("{} is not a usable model file", args.model.display()))?;
+    let schedule = NoiseSchedule::new(&info.schedule)?;
+    ensure!(
+        (1..=schedule.num_train_timesteps()).contains(&args.steps),
+        "--steps {} must be between 1 and the model's {} training timesteps",
+        args.steps,
+        schedule.num_train_timesteps()
+    );
+    let class = match &args.class {
+        None => None,
+        Some(c) => Some(
+            info.class_names
+                .iter()
+                .position(|n| n == c)
+                .or_else(|| c.parse().ok())
+                .with_context(|| {
+                    if info.class_names.is_empty() {
+                        format!("unknown class {c:?}: the model has no class names")
+                    } else {
+                        format!(
+                            "unknown class {c:?}: the model knows {}",
+                            info.class_names.join(", ")
+                        )
+                    }
+                })?,
+        ),
+    };
+    let selected = backend::select(args.backend)?;
+    let device = selected.device;
+    let (model, _) = model_file::load(&bytes, &device)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let options = SamplerOptions {
+        eta: args.eta,
+        clip_sample: !args.no_clip,
+        ..SamplerOptions::default()
+    };
+    let sampler = build_sampler(
+        args.sampler,
+        &schedule,
+        info.prediction,
+        args.steps,
+        &options,
+    )?;
+    let generate = GenerateOptions {
+        n: args.n,
+        seed: args.seed,
+        class,
+        guidance: args.guidance,
+    };
+    let mut generation = match &args.noise {
+        Some(path) => {
+            let (values, shape) = read_npy(path)?;
+            let x_t = Tensor::<4>::from_data(TensorData::new(values, shape), &device);
+            Generation::from_noise(&model, &info, sampler, &generate, x_t, &device)
+        }
+        None => Generation::new(&model, &info, sampler, &generate, &device),
+    }?;
+    let total = generation.total_steps();
+    let frames = args.frames.unwrap_or(0);
+    ensure!(
+        frames <= total + 1,
+        "--frames {frames} is more than the {} states of a {total}-step run",
+        total + 1
+    );
+    // Which states to keep: evenly spaced from x_T (state 0) to x_0 (state `total`).
+    let keep: Vec<usize> = match frames {
+        0 | 1 => vec![total],
+        k => (0..k)
+            .map(|i| ((i * total) as f64 / (k - 1) as f64).round() as usize)
+            .collect(),
+    };
+    let mut kept = Vec::new();
+    let bar = indicatif::ProgressBar::new(total as u64);
+    let start = std::time::Instant::now();
+    for state in 0..=total {
+        if keep.contains(&state) {
+            kept.push(generation.sample().clone());
+        }
+        if state < total {
+            generation.step();
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let last = generation.sample().clone();
+    let shape = last.dims();
+    eprintln!(
+        "{} images, {} {} steps on {} in {:.1} s",
+        shape[0],
+        total,
+        args.sampler,
+        selected.name,
+        start.elapsed().as_secs_f64()
+    );
+    match args.format {
+        Format::Npy => {
+            let values: Vec<f32> = last
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .expect("f32");
+            write_npy(&args.out, &values, &shape)?;
+        }
+        Format::Pngs => {
+            fs::create_dir_all(&args.out)
+                .with_context(|| format!("creating {}", args.out.display()))?;
+            let side = info.unet.sample_size;
+            for (i, rgba) in images::tensor_to_rgba(last).into_iter().enumerate() {
+                let image = image::RgbaImage::from_raw(side as u32, side as u32, rgba)
+                    .expect("size matches");
+                images::save_png(&image, &args.out.join(format!("{i:05}.png")))?;
+            }
+        }
+        Format::Png => {
+            let rows: Vec<Vec<u8>> = if kept.len() > 1 {
+                // One row per frame, one column per image.
+                kept.into_iter().flat_map(images::tensor_to_rgba).collect()
+            } else {
+                images::tensor_to_rgba(last)
+            };
+            let cols = if keep.len() > 1 {
+                shape[0]
+            } else {
+                (shape[0] as f64).sqrt().ceil() as usize
+            };
+            images::save_png(&images::grid(&rows, info.unet.sample_size, cols), &args.out)?;
+        }
+    }
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// `ddpm export` flags.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A run directory (its newest checkpoint's EMA weights), a checkpoint directory, or a
+    /// model file.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Store the weights as float16 (half the size; for the web page).
+    #[arg(long)]
+    pub f16: bool,
+    /// Output model file.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+fn export_source(path: &Path) -> Result<PathBuf> {
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if path.join("ema.safetensors").is_file() {
+        return Ok(path.join("ema.safetensors"));
+    }
+    if let Some(newest) = checkpoint::list(path).first() {
+        return Ok(newest.join("ema.safetensors"));
+    }
+    if path.join("model.safetensors").is_file() {
+        return Ok(path.join("model.safetensors"));
+    }
+    bail!(
+        "{} is neither a model file, a checkpoint, nor a run directory with checkpoints",
+        path.display()
+    )
+}
+
+/// Run `ddpm export`.
+pub fn export(args: ExportArgs) -> Result<()> {
+    let source = export_source(&args.checkpoint)?;
+    let bytes = fs::read(&source).with_context(|| format!("reading {}", source.display()))?;
+    let device = burn::tensor::Device::flex();
+    let (model, info) = model_file::load(&bytes, &device)
+        .with_context(|| format!("{} is not a usable model file", source.display()))?;
+    let dtype = if args.f16 {
+        StoreDType::F16
+    } else {
+        StoreDType::F32
+    };
+    let out = model_file::save(&model, &info, dtype)?;
+    checkpoint::write_atomic(&args.out, &out)?;
+    println!(
+        "wrote {} ({:.2} MB, {} parameters, {}) from {}",
+        args.out.display(),
+        out.len() as f64 / 1e6,
+        model_file::num_params(&model),
+        if args.f16 { "f16" } else { "f32" },
+        source.display()
+    );
+    Ok(())
+}
+
+/// `ddpm import` flags.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// A diffusers `UNet2DModel` directory (config.json + diffusion_pytorch_model.safetensors),
+    /// or a pipeline directory with a `unet/` (and `scheduler/`) inside.
+    #[arg(long)]
+    pub diffusers: PathBuf,
+    /// Store the weights as float16.
+    #[arg(long)]
+    pub f16: bool,
+    /// Output model file.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Run `ddpm import`.
+pub fn import(args: ImportArgs) -> Result<()> {
+    let root = &args.diffusers;
+    let unet_dir = if root.join("unet/config.json").is_file() {
+        root.join("unet")
+    } else {
+        root.clone()
+    };
+    let config_path = unet_dir.join("config.json");
+    let config = fs::read_to_string(&config_path).with_context(|| {
+        format!(
+            "reading {} (a diffusers UNet2DModel directory?)",
+            config_path.display()
+        )
+    })?;
+    let weights_path = unet_dir.join("diffusion_pytorch_model.safetensors");
+    let weights = fs::read(&weights_path).with_context(|| {
+        format!(
+            "reading {} (only safetensors weights are supported)",
+            weights_path.display()
+        )
+    })?;
+    let scheduler = [
+        root.join("scheduler/scheduler_config.json"),
+        unet_dir.join("scheduler_config.json"),
+        root.join("scheduler_config.json"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .map(|p| fs::read_to_string(&p).with_context(|| format!("reading {}", p.display())))
+    .transpose()?;
+    let device = burn::tensor::Device::flex();
+    let (model, info) =
+        model_file::import_diffusers(&config, scheduler.as_deref(), &weights, &device)
+            .with_context(|| format!("importing {}", unet_dir.display()))?;
+    let dtype = if args.f16 {
+        StoreDType::F16
+    } else {
+        StoreDType::F32
+    };
+    let out = model_file::save(&model, &info, dtype)?;
+    checkpoint::write_atomic(&args.out, &out)?;
+    println!(
+        "wrote {} ({} parameters, {}x{}x{} images, {} schedule, {:?} prediction)",
+        args.out.display(),
+        model_file::num_params(&model),
+        info.unet.sample_size,
+        info.unet.sample_size,
+        info.unet.in_channels,
+        serde_json::to_value(info.schedule.beta_schedule)?
+            .as_str()
+            .unwrap_or("?"),
+        info.prediction
+    );
+    Ok(())
+}

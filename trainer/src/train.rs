@@ -1,0 +1,868 @@
+//! `ddpm train`: Algorithm 1 of Ho et al. 2020 with the usual modern additions (AdamW, warm-up
+//! and cosine learning rate, gradient clipping, EMA, class conditioning with label dropout for
+//! classifier-free guidance, min-SNR weighting), on any backend, with exact resume.
+//!
+//! Determinism: the batch at step k (which images, which flips, timesteps, noise, dropped
+//! labels) is a pure function of (seed, k), so a resumed run sees exactly the batches an
+//! uninterrupted one would have seen.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::{Int, Tensor, TensorData};
+use clap::{Args, ValueEnum};
+use ddpm::diffusion::{self, LossWeighting, PredictionType};
+use ddpm::model_file::{self, ModelInfo, StoreDType};
+use ddpm::noise::SeededNoise;
+use ddpm::schedule::{BetaSchedule, NoiseSchedule, ScheduleConfig};
+use ddpm::unet::{UNet, UNetConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand_chacha::ChaCha8Rng;
+use rand_core::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{self, BackendChoice};
+use crate::checkpoint;
+use crate::data::{self, DataSource, ImageSet, Split};
+use crate::ema;
+use crate::images;
+
+/// Model sizes offered by `--model`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelSize {
+    /// ~0.4M parameters: two levels (32, 64 channels), attention at the lower one. Seconds per
+    /// step on a CPU; good enough for MNIST-like data.
+    Tiny,
+    /// ~2M parameters: three levels (32, 64, 128), attention at the lowest two.
+    Small,
+    /// ~9M parameters: three levels (64, 128, 256), attention at the lowest two.
+    Base,
+}
+
+impl ModelSize {
+    /// The UNet for images of `size`×`size`×`channels`.
+    pub fn config(self, size: usize, channels: usize) -> UNetConfig {
+        use ddpm::unet::{DownBlockType as D, UpBlockType as U};
+        let (channels_per_level, layers, heads) = match self {
+            Self::Tiny => (vec![32, 64], 1, 32),
+            Self::Small => (vec![32, 64, 128], 1, 32),
+            Self::Base => (vec![64, 128, 256], 2, 64),
+        };
+        let levels = channels_per_level.len();
+        let down = (0..levels)
+            .map(|i| {
+                if i == 0 {
+                    D::DownBlock2D
+                } else {
+                    D::AttnDownBlock2D
+                }
+            })
+            .collect();
+        let up = (0..levels)
+            .map(|i| {
+                if i + 1 == levels {
+                    U::UpBlock2D
+                } else {
+                    U::AttnUpBlock2D
+                }
+            })
+            .collect();
+        UNetConfig {
+            sample_size: size,
+            in_channels: channels,
+            out_channels: channels,
+            down_block_types: down,
+            up_block_types: up,
+            block_out_channels: channels_per_level,
+            layers_per_block: layers,
+            attention_head_dim: Some(heads),
+            norm_num_groups: Some(8),
+            ..UNetConfig::default()
+        }
+    }
+}
+
+/// Learning-rate shape after the linear warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrSchedule {
+    /// Constant after warm-up (Ho et al. 2020).
+    Constant,
+    /// Cosine decay to zero at the last step.
+    Cosine,
+}
+
+/// Beta schedules offered on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScheduleArg {
+    /// β from 1e-4 to 0.02, linearly (Ho et al. 2020).
+    Linear,
+    /// Squared-cosine ᾱ (Nichol & Dhariwal 2021).
+    Cosine,
+    /// Linear in √β (Stable Diffusion).
+    ScaledLinear,
+    /// Sigmoid-shaped β.
+    Sigmoid,
+}
+
+/// Prediction targets offered on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PredictionArg {
+    /// The noise ε (Ho et al. 2020).
+    Epsilon,
+    /// v = √ᾱ ε − √(1−ᾱ) x_0 (Salimans & Ho 2022).
+    V,
+    /// The clean image x_0.
+    Sample,
+}
+
+/// `ddpm train` flags.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Data set: fashion-mnist[:DIR], mnist:DIR, mnist-json:DIR, cifar10:DIR or folder:DIR.
+    #[arg(long, default_value = "fashion-mnist")]
+    pub data: DataSource,
+    /// Run directory to create (config, checkpoints, samples, loss curve, model file).
+    #[arg(long, required_unless_present = "resume")]
+    pub out: Option<PathBuf>,
+    /// Continue the run in this directory from its newest readable checkpoint.
+    #[arg(long, conflicts_with_all = ["out", "init"])]
+    pub resume: Option<PathBuf>,
+    /// Start from the weights of this model file (fine-tuning); its architecture is used.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Train on these classes only (names or label numbers, comma-separated), e.g. `ship`.
+    #[arg(long, value_delimiter = ',')]
+    pub classes: Vec<String>,
+    /// Image side in pixels (folder images are center-cropped and resized to it).
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Image channels for folder data: 1 (grayscale) or 3 (RGB).
+    #[arg(long)]
+    pub channels: Option<usize>,
+    /// Use only the first N training images (quick experiments, tests).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// UNet size (ignored with --init).
+    #[arg(long, value_enum, default_value = "small")]
+    pub model: ModelSize,
+    /// Condition on class labels, with label dropout for classifier-free guidance.
+    #[arg(long)]
+    pub conditional: bool,
+    /// Probability of replacing a label with the null class while training (--conditional).
+    #[arg(long, default_value_t = 0.1)]
+    pub p_uncond: f64,
+    /// Noise schedule.
+    #[arg(long, value_enum, default_value = "linear")]
+    pub schedule: ScheduleArg,
+    /// Number of diffusion steps T.
+    #[arg(long, default_value_t = 1000)]
+    pub timesteps: usize,
+    /// What the UNet predicts.
+    #[arg(long, value_enum, default_value = "epsilon")]
+    pub prediction: PredictionArg,
+    /// Min-SNR-γ loss weighting (Hang et al. 2023); 5 is the paper's value. Off by default.
+    #[arg(long)]
+    pub min_snr_gamma: Option<f64>,
+    /// Total optimisation steps (with --resume: the new total).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Images per batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    /// Linear learning-rate warm-up steps.
+    #[arg(long, default_value_t = 500)]
+    pub warmup: u64,
+    /// Learning-rate shape after warm-up.
+    #[arg(long, value_enum, default_value = "constant")]
+    pub lr_schedule: LrSchedule,
+    /// Clip each parameter's gradient to this L2 norm (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+    /// Largest EMA decay (the decay warms up as (1 + k) / (10 + k)).
+    #[arg(long, default_value_t = 0.9999)]
+    pub ema_decay: f64,
+    /// Random horizontal flips (default: on for CIFAR-10 and folders, off for digits/clothes).
+    #[arg(long)]
+    pub hflip: Option<bool>,
+    /// Seed for initialisation, data order, timesteps and noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write a checkpoint (and the EMA model file) every N steps.
+    #[arg(long, default_value_t = 500)]
+    pub checkpoint_every: u64,
+    /// Write a sample grid every N steps (0 disables).
+    #[arg(long, default_value_t = 1000)]
+    pub sample_every: u64,
+    /// DDIM steps for the sample grids.
+    #[arg(long, default_value_t = 50)]
+    pub sample_steps: usize,
+    /// Keep the newest K checkpoints.
+    #[arg(long, default_value_t = 3)]
+    pub keep: usize,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendChoice,
+    /// Print a log line every N steps (besides the progress bar).
+    #[arg(long, default_value_t = 100)]
+    pub log_every: u64,
+}
+
+/// Everything that defines a run, saved as `config.json` in the run directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// Data source as given.
+    pub data: String,
+    /// Class filter.
+    pub classes: Vec<String>,
+    /// Image-count limit.
+    pub limit: Option<usize>,
+    /// Folder resize.
+    pub image_size: Option<usize>,
+    /// Folder channel conversion.
+    pub channels: Option<usize>,
+    /// The model, schedule, prediction and class names.
+    pub model: ModelInfo,
+    /// Class conditioning with label dropout.
+    pub conditional: bool,
+    /// Label-dropout probability.
+    pub p_uncond: f64,
+    /// Loss weighting.
+    pub loss: LossWeighting,
+    /// Total steps.
+    pub steps: u64,
+    /// Batch size.
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Warm-up steps.
+    pub warmup: u64,
+    /// Learning-rate shape.
+    pub lr_schedule: LrSchedule,
+    /// Gradient clipping norm (0 = off).
+    pub grad_clip: f64,
+    /// Maximum EMA decay.
+    pub ema_decay: f64,
+    /// Horizontal flips.
+    pub hflip: bool,
+    /// Seed.
+    pub seed: u64,
+    /// Checkpoint interval.
+    pub checkpoint_every: u64,
+    /// Sample-grid interval.
+    pub sample_every: u64,
+    /// DDIM steps for grids.
+    pub sample_steps: usize,
+    /// Checkpoints kept.
+    pub keep: usize,
+    /// Log interval.
+    pub log_every: u64,
+    /// Initial weights, if fine-tuning.
+    pub init: Option<PathBuf>,
+}
+
+impl RunConfig {
+    /// Learning rate at (0-based) step `step`.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if step < self.warmup {
+            return self.lr * (step + 1) as f64 / self.warmup as f64;
+        }
+        match self.lr_schedule {
+            LrSchedule::Constant => self.lr,
+            LrSchedule::Cosine => {
+                let span = self.steps.saturating_sub(self.warmup).max(1) as f64;
+                let progress = ((step - self.warmup) as f64 / span).min(1.0);
+                self.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+}
+
+fn default_steps(n_images: usize, batch: usize) -> u64 {
+    // About 20 epochs, at least 1000 steps.
+    ((20 * n_images).div_ceil(batch.max(1)) as u64).max(1000)
+}
+
+fn load_data(config: &RunConfig) -> Result<ImageSet> {
+    let source: DataSource = config.data.parse().map_err(anyhow::Error::msg)?;
+    let mut set = data::load(&source, Split::Train, config.image_size, config.channels)?;
+    if !config.classes.is_empty() {
+        set.filter_classes(&config.classes)?;
+    }
+    if let Some(n) = config.limit {
+        ensure!(n > 0, "--limit must be at least 1");
+        set.truncate(n);
+    }
+    ensure!(!set.is_empty(), "the data set is empty");
+    Ok(set)
+}
+
+/// Build the run configuration of a new run from the flags.
+fn new_config(args: &TrainArgs, set_probe: &ImageSet) -> Result<RunConfig> {
+    ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    ensure!(
+        args.lr.is_finite() && args.lr > 0.0,
+        "--lr must be a positive number"
+    );
+    ensure!(
+        (0.0..1.0).contains(&args.p_uncond),
+        "--p-uncond must be in [0, 1)"
+    );
+    ensure!(
+        (0.0..1.0).contains(&args.ema_decay),
+        "--ema-decay must be in [0, 1)"
+    );
+    ensure!(
+        args.checkpoint_every > 0,
+        "--checkpoint-every must be at least 1"
+    );
+    let mut info = match &args.init {
+        Some(path) => {
+            let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let info = model_file::read_info(&bytes)
+                .with_context(|| format!("{} is not a usable model file", path.display()))?;
+            ensure!(
+                info.unet.sample_size == set_probe.size
+                    && info.unet.in_channels == set_probe.channels,
+                "--init model {} is for {}x{}x{} images but the data is {}x{}x{}: pass a matching --image-size/--channels or another model",
+                path.display(),
+                info.unet.sample_size,
+                info.unet.sample_size,
+                info.unet.in_channels,
+                set_probe.size,
+                set_probe.size,
+                set_probe.channels
+            );
+            info
+        }
+        None => {
+            let unet = args.model.config(set_probe.size, set_probe.channels);
+            unet.validate().with_context(|| {
+                format!(
+                    "--model {:?} does not fit {}x{} images",
+                    args.model, set_probe.size, set_probe.size
+                )
+            })?;
+            let mut info = ModelInfo::new(unet);
+            info.schedule = ScheduleConfig {
+                num_train_timesteps: args.timesteps,
+                beta_schedule: match args.schedule {
+                    ScheduleArg::Linear => BetaSchedule::Linear,
+                    ScheduleArg::Cosine => BetaSchedule::Cosine,
+                    ScheduleArg::ScaledLinear => BetaSchedule::ScaledLinear,
+                    ScheduleArg::Sigmoid => BetaSchedule::Sigmoid,
+                },
+                ..ScheduleConfig::default()
+            };
+            info.prediction = match args.prediction {
+                PredictionArg::Epsilon => PredictionType::Epsilon,
+                PredictionArg::V => PredictionType::VPrediction,
+                PredictionArg::Sample => PredictionType::Sample,
+            };
+            info
+        }
+    };
+    if args.conditional {
+        ensure!(
+            !set_probe.class_names.is_empty(),
+            "--conditional needs a labeled data set"
+        );
+        let classes = set_probe.class_names.len();
+        match (&args.init, info.unet.num_class_embeds) {
+            (Some(_), Some(n)) => ensure!(
+                n == classes + 1,
+                "the --init model has {n} class embeddings; this data set needs {} ({classes} classes + null)",
+                classes + 1
+            ),
+            (Some(_), None) => bail!("the --init model is unconditional; drop --conditional"),
+            (None, _) => info.unet.num_class_embeds = Some(classes + 1),
+        }
+        info.class_names = set_probe.class_names.clone();
+    } else if info.unet.num_class_embeds.is_some() {
+        bail!("the --init model is class-conditional: pass --conditional");
+    }
+    NoiseSchedule::new(&info.schedule)?;
+    let hflip = args.hflip.unwrap_or(matches!(
+        args.data,
+        DataSource::Cifar10(_) | DataSource::Folder(_)
+    ));
+    let loss = match args.min_snr_gamma {
+        Some(g) => {
+            ensure!(g.is_finite() && g > 0.0, "--min-snr-gamma must be positive");
+            LossWeighting::MinSnr { gamma: g }
+        }
+        None => LossWeighting::Uniform,
+    };
+    Ok(RunConfig {
+        data: data_string(&args.data),
+        classes: args.classes.clone(),
+        limit: args.limit,
+        image_size: args.image_size,
+        channels: args.channels,
+        model: info,
+        conditional: args.conditional,
+        p_uncond: args.p_uncond,
+        loss,
+        steps: args
+            .steps
+            .unwrap_or_else(|| default_steps(set_probe.len(), args.batch_size)),
+        batch_size: args.batch_size,
+        lr: args.lr,
+        warmup: args.warmup,
+        lr_schedule: args.lr_schedule,
+        grad_clip: args.grad_clip,
+        ema_decay: args.ema_decay,
+        hflip,
+        seed: args.seed,
+        checkpoint_every: args.checkpoint_every,
+        sample_every: args.sample_every,
+        sample_steps: args.sample_steps,
+        keep: args.keep,
+        log_every: args.log_every.max(1),
+        init: args.init.clone(),
+    })
+}
+
+fn data_string(source: &DataSource) -> String {
+    match source {
+        DataSource::FashionMnist(p) => format!("fashion-mnist:{}", p.display()),
+        DataSource::Mnist(p) => format!("mnist:{}", p.display()),
+        DataSource::MnistJson(p) => format!("mnist-json:{}", p.display()),
+        DataSource::Cifar10(p) => format!("cifar10:{}", p.display()),
+        DataSource::Folder(p) => format!("folder:{}", p.display()),
+    }
+}
+
+/// One training batch, prepared on the CPU by the loader thread.
+struct Batch {
+    step: u64,
+    images: Vec<f32>,
+    labels: Vec<i64>,
+    timesteps: Vec<usize>,
+    noise: Vec<f32>,
+}
+
+/// A seed for (run seed, purpose, index) that does not collide across purposes.
+fn derive_seed(seed: u64, purpose: u64, index: u64) -> u64 {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ purpose.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    rng.set_stream(index);
+    rng.next_u64()
+}
+
+/// The batch of step `step`: a pure function of the data, the config and the step.
+fn make_batch(set: &ImageSet, config: &RunConfig, step: u64) -> Batch {
+    let n = set.len() as u64;
+    let b = config.batch_size as u64;
+    let image_len = set.image_len();
+    let s = set.size;
+    let mut images = Vec::with_capacity(config.batch_size * image_len);
+    let mut labels = Vec::with_capacity(config.batch_size);
+    let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(config.seed, 1, step));
+    let null = config.model.unet.num_class_embeds.map(|e| e as i64 - 1);
+    let mut epoch_cache: Option<(u64, Vec<u32>)> = None;
+    for j in 0..b {
+        let global = step * b + j;
+        let (epoch, pos) = (global / n, global % n);
+        if epoch_cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            epoch_cache = Some((
+                epoch,
+                permutation(n as usize, derive_seed(config.seed, 2, epoch)),
+            ));
+        }
+        let index = epoch_cache.as_ref().expect("set above").1[pos as usize] as usize;
+        let image = set.image(index);
+        let flip = config.hflip && rng.next_u32() & 1 == 1;
+        if flip {
+            for row in image.chunks_exact(s) {
+                images.extend(row.iter().rev());
+            }
+        } else {
+            images.extend_from_slice(image);
+        }
+        if config.conditional {
+            let dropped = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= config.p_uncond
+                && config.p_uncond > 0.0;
+            let label = if dropped {
+                null.unwrap_or(0)
+            } else {
+                set.labels[index] as i64
+            };
+            labels.push(label);
+        }
+    }
+    let t_max = config.model.schedule.num_train_timesteps as u64;
+    let timesteps = (0..b).map(|_| (rng.next_u64() % t_max) as usize).collect();
+    let noise = SeededNoise::new(derive_seed(config.seed, 3, step)).sample_vec(images.len());
+    Batch {
+        step,
+        images,
+        labels,
+        timesteps,
+        noise,
+    }
+}
+
+/// A seeded Fisher–Yates permutation of 0..n.
+fn permutation(n: usize, seed: u64) -> Vec<u32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut p: Vec<u32> = (0..n as u32).collect();
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        p.swap(i, j);
+    }
+    p
+}
+
+/// Prepare batches on a worker thread, a few ahead, so the device never waits for the CPU.
+fn spawn_loader(
+    set: Arc<ImageSet>,
+    config: RunConfig,
+    start: u64,
+    end: u64,
+) -> mpsc::Receiver<Batch> {
+    let (tx, rx) = mpsc::sync_channel(4);
+    std::thread::spawn(move || {
+        for step in start..end {
+            if tx.send(make_batch(&set, &config, step)).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Append-only `loss.csv`; on resume, rows past the checkpoint are dropped first.
+struct LossLog {
+    path: PathBuf,
+    rows: Vec<(u64, f64)>,
+    file: fs::File,
+}
+
+impl LossLog {
+    fn open(run: &Path, upto: u64) -> Result<Self> {
+        let path = run.join("loss.csv");
+        let mut rows = Vec::new();
+        let mut text = String::from("step,loss,lr\n");
+        if let Ok(old) = fs::read_to_string(&path) {
+            for line in old.lines().skip(1) {
+                let mut parts = line.split(',');
+                if let (Some(s), Some(l)) = (parts.next(), parts.next())
+                    && let (Ok(s), Ok(l)) = (s.parse::<u64>(), l.parse::<f64>())
+                    && s <= upto
+                {
+                    rows.push((s, l));
+                    text.push_str(line);
+                    text.push('\n');
+                }
+            }
+        }
+        checkpoint::write_atomic(&path, text.as_bytes())?;
+        let file = fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self { path, rows, file })
+    }
+
+    fn push(&mut self, step: u64, loss: f64, lr: f64) -> Result<()> {
+        self.rows.push((step, loss));
+        writeln!(self.file, "{step},{loss},{lr}")
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+}
+
+/// Run `ddpm train`.
+pub fn run(args: TrainArgs, stop: Arc<AtomicBool>) -> Result<()> {
+    let (run_dir, config) = match &args.resume {
+        Some(dir) => {
+            let path = dir.join("config.json");
+            let text = fs::read_to_string(&path).with_context(|| {
+                format!(
+                    "{} is not a run directory (no readable config.json)",
+                    dir.display()
+                )
+            })?;
+            let mut config: RunConfig = serde_json::from_str(&text)
+                .with_context(|| format!("{} is corrupt", path.display()))?;
+            if let Some(steps) = args.steps {
+                config.steps = steps;
+            }
+            (dir.clone(), config)
+        }
+        None => {
+            let out = args
+                .out
+                .clone()
+                .expect("clap requires --out without --resume");
+            let set = {
+                let mut probe_args_set =
+                    data::load(&args.data, Split::Train, args.image_size, args.channels)?;
+                if !args.classes.is_empty() {
+                    probe_args_set.filter_classes(&args.classes)?;
+                }
+                probe_args_set
+            };
+            let config = new_config(&args, &set)?;
+            if out.join("config.json").exists() {
+                bail!(
+                    "{} already holds a run: continue it with --resume {} or choose another --out",
+                    out.display(),
+                    out.display()
+                );
+            }
+            fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            checkpoint::write_atomic(
+                &out.join("config.json"),
+                &serde_json::to_vec_pretty(&config)?,
+            )?;
+            (out, config)
+        }
+    };
+    let set = Arc::new(load_data(&config)?);
+    let schedule = NoiseSchedule::new(&config.model.schedule)?;
+    let selected = backend::select(args.backend)?;
+    let base = selected.device.clone();
+    let device = base.clone().autodiff();
+    let info = config.model.clone();
+
+    let grad_clip =
+        (config.grad_clip > 0.0).then_some(GradientClippingConfig::Norm(config.grad_clip as f32));
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(0.0)
+        .with_epsilon(1e-8)
+        .with_grad_clipping(grad_clip)
+        .init();
+    let (mut model, mut ema, start, mut elapsed) = if args.resume.is_some() {
+        let loaded = checkpoint::load_latest(&run_dir, &info, &device, &base)?;
+        optim = optim.load_record(loaded.optimizer);
+        println!(
+            "resuming {} from {} (step {})",
+            run_dir.display(),
+            loaded.dir.display(),
+            loaded.state.step
+        );
+        (
+            loaded.model,
+            loaded.ema,
+            loaded.state.step,
+            loaded.state.elapsed_secs,
+        )
+    } else {
+        let model = match &config.init {
+            Some(path) => {
+                let bytes =
+                    fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                model_file::load(&bytes, &device)
+                    .with_context(|| format!("loading --init {}", path.display()))?
+                    .0
+            }
+            None => {
+                device.seed(config.seed);
+                info.unet.init(&device)?
+            }
+        };
+        let ema = model.valid();
+        (model, ema, 0, 0.0)
+    };
+    ensure!(
+        start < config.steps,
+        "the run is already at step {start} of {}: pass --steps N (N > {start}) to train further",
+        config.steps
+    );
+
+    println!(
+        "training on {}: {} images {}x{}x{}, {} parameters, batch {}, steps {}..{}",
+        selected.name,
+        set.len(),
+        set.size,
+        set.size,
+        set.channels,
+        model_file::num_params(&model),
+        config.batch_size,
+        start,
+        config.steps
+    );
+    let mut log = LossLog::open(&run_dir, start)?;
+    fs::create_dir_all(run_dir.join("samples"))?;
+    let batches = spawn_loader(set.clone(), config.clone(), start, config.steps);
+    let bar = ProgressBar::new(config.steps);
+    bar.set_position(start);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} ETA {eta}",
+        )
+        .expect("valid template"),
+    );
+    let [c, s] = [set.channels, set.size];
+    let b = config.batch_size;
+    let session = Instant::now();
+    let mut window = (0.0f64, 0u64, Instant::now());
+    let mut step = start;
+    let mut last_checkpoint = start;
+    while step < config.steps {
+        if stop.load(Ordering::SeqCst) {
+            bar.suspend(|| println!("interrupted: saving a checkpoint at step {step}"));
+            break;
+        }
+        let batch = batches.recv().context("the data loader stopped")?;
+        debug_assert_eq!(batch.step, step);
+        let x0 = Tensor::<4>::from_data(TensorData::new(batch.images, [b, c, s, s]), &device);
+        let noise = Tensor::<4>::from_data(TensorData::new(batch.noise, [b, c, s, s]), &device);
+        let x_t = diffusion::q_sample(&schedule, x0.clone(), noise.clone(), &batch.timesteps);
+        let t = Tensor::<1>::from_data(
+            TensorData::new(
+                batch
+                    .timesteps
+                    .iter()
+                    .map(|&t| t as f32)
+                    .collect::<Vec<_>>(),
+                [b],
+            ),
+            &device,
+        );
+        let labels = config.conditional.then(|| {
+            Tensor::<1, Int>::from_data(TensorData::new(batch.labels.clone(), [b]), &device)
+        });
+        let output = model.forward(x_t, t, labels);
+        let target =
+            diffusion::training_target(info.prediction, &schedule, x0, noise, &batch.timesteps);
+        let loss = config
+            .loss
+            .loss(info.prediction, &schedule, output, target, &batch.timesteps);
+        let loss_value: f64 = loss.clone().into_scalar::<f32>() as f64;
+        if !loss_value.is_finite() {
+            bar.abandon();
+            let last = checkpoint::list(&run_dir)
+                .first()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "none yet".into());
+            bail!(
+                "the loss became {loss_value} at step {step}: training stopped without saving the diverged weights. Last good checkpoint: {last}. Try a lower --lr (now {}) or --grad-clip.",
+                config.lr
+            );
+        }
+        let lr = config.lr_at(step);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(lr, model, grads);
+        step += 1;
+        ema = ema::update(ema, &model.valid(), ema::decay(step, config.ema_decay));
+        log.push(step, loss_value, lr)?;
+
+        window.0 += loss_value;
+        window.1 += 1;
+        let rate = (window.1 * b as u64) as f64 / window.2.elapsed().as_secs_f64().max(1e-9);
+        bar.set_position(step);
+        bar.set_message(format!(
+            "loss {:.4} {:.1} img/s",
+            window.0 / window.1 as f64,
+            rate
+        ));
+        if step % config.log_every == 0 {
+            bar.suspend(|| {
+                println!(
+                    "step {step}: loss {:.5} lr {lr:.2e} {rate:.1} img/s",
+                    window.0 / window.1 as f64
+                )
+            });
+            window = (0.0, 0, Instant::now());
+        }
+        if step % config.checkpoint_every == 0 || step == config.steps {
+            let total = elapsed + session.elapsed().as_secs_f64();
+            save_all(
+                &run_dir, &model, &ema, &info, &config, &optim, step, total, &log,
+            )?;
+            last_checkpoint = step;
+        }
+        if config.sample_every > 0 && step % config.sample_every == 0 {
+            let path = run_dir.join("samples").join(format!("step-{step:08}.png"));
+            images::sample_grid(
+                &ema,
+                &info,
+                &schedule,
+                config.sample_steps,
+                16,
+                config.seed,
+                &base,
+                &path,
+            )?;
+        }
+    }
+    bar.finish_and_clear();
+    if step != last_checkpoint {
+        let total = elapsed + session.elapsed().as_secs_f64();
+        save_all(
+            &run_dir, &model, &ema, &info, &config, &optim, step, total, &log,
+        )?;
+    }
+    elapsed += session.elapsed().as_secs_f64();
+    println!(
+        "step {step}/{}: {} ({:.0} s of training in all); EMA model: {}",
+        config.steps,
+        if step == config.steps {
+            "done"
+        } else {
+            "stopped"
+        },
+        elapsed,
+        run_dir.join("model.safetensors").display()
+    );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save_all(
+    run: &Path,
+    model: &UNet,
+    ema: &UNet,
+    info: &ModelInfo,
+    config: &RunConfig,
+    optim: &burn::optim::ModuleOptimizer,
+    step: u64,
+    elapsed: f64,
+    log: &LossLog,
+) -> Result<()> {
+    let mut info = info.clone();
+    info.training = BTreeMap::from([
+        ("data".into(), serde_json::json!(config.data)),
+        ("steps".into(), serde_json::json!(step)),
+        ("batch_size".into(), serde_json::json!(config.batch_size)),
+        ("lr".into(), serde_json::json!(config.lr)),
+        ("seed".into(), serde_json::json!(config.seed)),
+        (
+            "training_seconds".into(),
+            serde_json::json!(elapsed.round()),
+        ),
+        ("weights".into(), serde_json::json!("ema")),
+    ]);
+    let state = checkpoint::State {
+        step,
+        elapsed_secs: elapsed,
+    };
+    checkpoint::save(
+        run,
+        model,
+        ema,
+        &info,
+        optim.to_record(),
+        &state,
+        config.keep,
+    )?;
+    let bytes = model_file::save(ema, &info, StoreDType::F32)?;
+    checkpoint::write_atomic(&run.join("model.safetensors"), &bytes)?;
+    images::loss_curve(&log.rows, &run.join("loss.png"))?;
+    Ok(())
+}

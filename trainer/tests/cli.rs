@@ -1,0 +1,316 @@
+//! The `ddpm` command end to end, as a user runs it: a tiny training run on a Fashion-MNIST
+//! subset (the Debian package's files), resume, sampling in every format, export and the
+//! errors a user meets first. CPU backend, tiny shapes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const DDPM: &str = env!("CARGO_BIN_EXE_ddpm");
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ddpm-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn ddpm(args: &[&str]) -> Output {
+    Command::new(DDPM)
+        .args(args)
+        .output()
+        .expect("running ddpm")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = ddpm(args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "ddpm {args:?} failed:\n{text}");
+    text
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = ddpm(args);
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "ddpm {args:?} should fail");
+    assert!(
+        !text.contains("panicked"),
+        "ddpm {args:?} panicked:\n{text}"
+    );
+    text
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// A tiny run: 64 Fashion-MNIST images, the tiny UNet, batch 8.
+fn train_args<'a>(out: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--data",
+        "fashion-mnist",
+        "--limit",
+        "64",
+        "--model",
+        "tiny",
+        "--batch-size",
+        "8",
+        "--steps",
+        steps,
+        "--warmup",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--sample-every",
+        "4",
+        "--sample-steps",
+        "2",
+        "--backend",
+        "cpu",
+        "--out",
+        out,
+    ]
+}
+
+fn loss_rows(run: &Path) -> Vec<String> {
+    std::fs::read_to_string(run.join("loss.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn train_resume_sample_export() {
+    let dir = temp_dir("main");
+    let run = dir.join("run");
+    ok(&train_args(p(&run), "4"));
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "loss.csv",
+        "loss.png",
+        "samples/step-00000004.png",
+    ] {
+        assert!(run.join(file).is_file(), "missing {file}");
+    }
+    assert_eq!(loss_rows(&run).len(), 4);
+    let checkpoints: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(checkpoints.len(), 2, "{checkpoints:?}");
+
+    // Continue to 6 steps.
+    let text = ok(&[
+        "train",
+        "--resume",
+        p(&run),
+        "--steps",
+        "6",
+        "--backend",
+        "cpu",
+    ]);
+    assert!(text.contains("step 4"), "{text}");
+    assert_eq!(loss_rows(&run).len(), 6);
+
+    // A training run that is already complete says how to extend it.
+    let text = fails(&["train", "--resume", p(&run), "--backend", "cpu"]);
+    assert!(text.contains("--steps"), "{text}");
+
+    // Sampling: a grid, raw floats, and the same floats again from the saved noise.
+    let model = run.join("model.safetensors");
+    let grid = dir.join("grid.png");
+    ok(&[
+        "sample",
+        "--model",
+        p(&model),
+        "--n",
+        "4",
+        "--steps",
+        "3",
+        "--backend",
+        "cpu",
+        "--out",
+        p(&grid),
+    ]);
+    let image = image::open(&grid).unwrap();
+    assert_eq!((image.width(), image.height()), (2 * 30 + 2, 2 * 30 + 2));
+
+    let a = dir.join("a.npy");
+    ok(&[
+        "sample",
+        "--model",
+        p(&model),
+        "--n",
+        "2",
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--format",
+        "npy",
+        "--backend",
+        "cpu",
+        "--out",
+        p(&a),
+    ]);
+    let frames = dir.join("frames.png");
+    ok(&[
+        "sample",
+        "--model",
+        p(&model),
+        "--n",
+        "2",
+        "--steps",
+        "3",
+        "--frames",
+        "4",
+        "--backend",
+        "cpu",
+        "--out",
+        p(&frames),
+    ]);
+    let image = image::open(&frames).unwrap();
+    assert_eq!((image.width(), image.height()), (2 * 30 + 2, 4 * 30 + 2));
+
+    // Export to f16: about half the size, and it still samples.
+    let small = dir.join("web.safetensors");
+    ok(&[
+        "export",
+        "--checkpoint",
+        p(&run),
+        "--f16",
+        "--out",
+        p(&small),
+    ]);
+    let (full, half) = (
+        std::fs::metadata(&model).unwrap().len(),
+        std::fs::metadata(&small).unwrap().len(),
+    );
+    assert!(half < full * 6 / 10, "f16 {half} vs f32 {full}");
+    let b = dir.join("b.npy");
+    ok(&[
+        "sample",
+        "--model",
+        p(&small),
+        "--n",
+        "2",
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--format",
+        "npy",
+        "--backend",
+        "cpu",
+        "--out",
+        p(&b),
+    ]);
+    let read = |path: &Path| -> Vec<f32> {
+        let bytes = std::fs::read(path).unwrap();
+        npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap()
+    };
+    let (va, vb) = (read(&a), read(&b));
+    assert_eq!(va.len(), 2 * 28 * 28);
+    let diff = va
+        .iter()
+        .zip(&vb)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(diff < 0.05, "f16 export changes samples by {diff}");
+}
+
+#[test]
+fn resume_is_exact() {
+    let dir = temp_dir("exact");
+    let straight = dir.join("straight");
+    ok(&train_args(p(&straight), "4"));
+    let split = dir.join("split");
+    ok(&train_args(p(&split), "2"));
+    ok(&[
+        "train",
+        "--resume",
+        p(&split),
+        "--steps",
+        "4",
+        "--backend",
+        "cpu",
+    ]);
+    assert_eq!(loss_rows(&straight), loss_rows(&split));
+    let a = std::fs::read(straight.join("model.safetensors")).unwrap();
+    let b = std::fs::read(split.join("model.safetensors")).unwrap();
+    assert!(
+        a == b,
+        "the resumed run's EMA weights differ from the uninterrupted run's"
+    );
+}
+
+#[test]
+fn corrupt_newest_checkpoint_falls_back_to_the_previous_one() {
+    let dir = temp_dir("corrupt");
+    let run = dir.join("run");
+    ok(&train_args(p(&run), "4"));
+    let newest = run.join("checkpoints/step-00000004");
+    std::fs::write(newest.join("optimizer.bpk"), b"garbage").unwrap();
+    let text = ok(&[
+        "train",
+        "--resume",
+        p(&run),
+        "--steps",
+        "6",
+        "--backend",
+        "cpu",
+    ]);
+    assert!(
+        text.contains("skipped corrupt checkpoint") && text.contains("step-00000004"),
+        "{text}"
+    );
+    assert!(text.contains("step 2"), "{text}");
+}
+
+#[test]
+fn bad_inputs_get_clear_errors() {
+    let dir = temp_dir("bad");
+    let text = fails(&[
+        "train",
+        "--data",
+        "mnist:/nonexistent/mnist",
+        "--out",
+        p(&dir.join("r1")),
+    ]);
+    assert!(
+        text.contains("/nonexistent/mnist") && text.contains("does not exist"),
+        "{text}"
+    );
+
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::write(empty.join("config.json"), "{}").unwrap();
+    let text = fails(&["train", "--resume", p(&empty)]);
+    assert!(text.contains("config.json"), "{text}");
+
+    let text = fails(&[
+        "train",
+        "--data",
+        "fashion-mnist",
+        "--classes",
+        "spaceship",
+        "--out",
+        p(&dir.join("r2")),
+    ]);
+    assert!(text.contains("unknown class \"spaceship\""), "{text}");
+
+    let text = fails(&["sample", "--model", p(&dir.join("missing.safetensors"))]);
+    assert!(text.contains("missing.safetensors"), "{text}");
+
+    let junk = dir.join("junk.safetensors");
+    std::fs::write(&junk, b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!").unwrap();
+    let text = fails(&["sample", "--model", p(&junk), "--backend", "cpu"]);
+    assert!(text.contains("not a usable model file"), "{text}");
+}
