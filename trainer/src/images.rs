@@ -72,13 +72,15 @@ pub fn sample_grid(
     path: &Path,
 ) -> Result<()> {
     let steps = steps.clamp(1, schedule.num_train_timesteps());
-    let sampler = build_sampler(
-        SamplerKind::Ddim,
-        schedule,
-        info.prediction,
-        steps,
-        &SamplerOptions::default(),
-    )?;
+    let ddim = || {
+        build_sampler(
+            SamplerKind::Ddim,
+            schedule,
+            info.prediction,
+            steps,
+            &SamplerOptions::default(),
+        )
+    };
     // A class-conditional model draws its classes in turn.
     let classes = if info.class_names.is_empty() {
         info.unet.num_class_embeds.unwrap_or(0)
@@ -92,25 +94,18 @@ pub fn sample_grid(
             seed,
             ..GenerateOptions::default()
         };
-        let generation = Generation::new(model, info, sampler, &options, device)?;
+        let generation = Generation::new(model, info, ddim()?, &options, device)?;
         images = tensor_to_rgba(generation.run());
     } else {
         let per_class = n.div_ceil(classes).max(1);
         for class in 0..classes {
-            let sampler = build_sampler(
-                SamplerKind::Ddim,
-                schedule,
-                info.prediction,
-                steps,
-                &SamplerOptions::default(),
-            )?;
             let options = GenerateOptions {
                 n: per_class,
                 seed: seed + class as u64,
                 class: Some(class),
                 ..GenerateOptions::default()
             };
-            let generation = Generation::new(model, info, sampler, &options, device)?;
+            let generation = Generation::new(model, info, ddim()?, &options, device)?;
             images.extend(tensor_to_rgba(generation.run()));
         }
     }

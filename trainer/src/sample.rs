@@ -293,6 +293,23 @@ fn export_source(path: &Path) -> Result<PathBuf> {
     )
 }
 
+/// Save a model file (f16 or f32 weights) atomically; returns its bytes.
+fn write_model(
+    model: &ddpm::unet::UNet,
+    info: &model_file::ModelInfo,
+    f16: bool,
+    out: &Path,
+) -> Result<Vec<u8>> {
+    let dtype = if f16 {
+        StoreDType::F16
+    } else {
+        StoreDType::F32
+    };
+    let bytes = model_file::save(model, info, dtype)?;
+    checkpoint::write_atomic(out, &bytes)?;
+    Ok(bytes)
+}
+
 /// Run `ddpm export`.
 pub fn export(args: ExportArgs) -> Result<()> {
     let source = export_source(&args.checkpoint)?;
@@ -300,13 +317,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
     let device = burn::tensor::Device::flex();
     let (model, info) = model_file::load(&bytes, &device)
         .with_context(|| format!("{} is not a usable model file", source.display()))?;
-    let dtype = if args.f16 {
-        StoreDType::F16
-    } else {
-        StoreDType::F32
-    };
-    let out = model_file::save(&model, &info, dtype)?;
-    checkpoint::write_atomic(&args.out, &out)?;
+    let out = write_model(&model, &info, args.f16, &args.out)?;
     println!(
         "wrote {} ({:.2} MB, {} parameters, {}) from {}",
         args.out.display(),
@@ -368,13 +379,7 @@ pub fn import(args: ImportArgs) -> Result<()> {
     let (model, info) =
         model_file::import_diffusers(&config, scheduler.as_deref(), &weights, &device)
             .with_context(|| format!("importing {}", unet_dir.display()))?;
-    let dtype = if args.f16 {
-        StoreDType::F16
-    } else {
-        StoreDType::F32
-    };
-    let out = model_file::save(&model, &info, dtype)?;
-    checkpoint::write_atomic(&args.out, &out)?;
+    write_model(&model, &info, args.f16, &args.out)?;
     println!(
         "wrote {} ({} parameters, {}x{}x{} images, {} schedule, {:?} prediction)",
         args.out.display(),
