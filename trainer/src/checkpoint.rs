@@ -149,10 +149,19 @@ pub fn list(run: &Path) -> Vec<PathBuf> {
     dirs
 }
 
+/// Remove all but the newest `keep` checkpoints, and temporary directories left by a process
+/// that was killed while writing one.
 fn prune(root: &Path, keep: usize) {
     let run = root.parent().unwrap_or(root);
     for old in list(run).into_iter().skip(keep.max(1)) {
         fs::remove_dir_all(old).ok();
+    }
+    if let Ok(entries) = fs::read_dir(root) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                fs::remove_dir_all(entry.path()).ok();
+            }
+        }
     }
 }
 

@@ -319,3 +319,55 @@ fn bad_inputs_get_clear_errors() {
     let text = fails(&["sample", "--model", p(&junk), "--backend", "cpu"]);
     assert!(text.contains("not a usable model file"), "{text}");
 }
+
+#[test]
+fn killed_mid_run_still_resumes() {
+    let dir = temp_dir("kill");
+    let run = dir.join("run");
+    let mut args = train_args(p(&run), "400");
+    let every = args
+        .iter()
+        .position(|a| *a == "--checkpoint-every")
+        .unwrap()
+        + 1;
+    args[every] = "1";
+    let mut child = Command::new(DDPM)
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill -9 once a few checkpoints exist: the process may be anywhere, including halfway
+    // through writing the next one.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let count = std::fs::read_dir(run.join("checkpoints"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        if count >= 3 || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = ok(&[
+        "train",
+        "--resume",
+        p(&run),
+        "--steps",
+        "8",
+        "--backend",
+        "cpu",
+    ]);
+    assert!(text.contains("resuming"), "{text}");
+    assert_eq!(loss_rows(&run).len(), 8);
+    assert!(run.join("checkpoints/step-00000008").is_dir());
+    // No temporary checkpoint directory is left behind once a later checkpoint is written.
+    let leftovers: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
