@@ -371,3 +371,60 @@ fn killed_mid_run_still_resumes() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_then_exits() {
+    let dir = temp_dir("sigint");
+    let run = dir.join("run");
+    let mut args = train_args(p(&run), "400");
+    let every = args
+        .iter()
+        .position(|a| *a == "--checkpoint-every")
+        .unwrap()
+        + 1;
+    args[every] = "1000";
+    let child = Command::new(DDPM)
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for a few training steps, then send SIGINT as a terminal's Ctrl-C does.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while loss_rows_if_any(&run) < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new("sh")
+        .args(["-c", &format!("kill -INT {}", child.id())])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("interrupted: saving a checkpoint"), "{text}");
+    let saved = std::fs::read_dir(run.join("checkpoints")).unwrap().count();
+    assert_eq!(saved, 1, "one checkpoint at the interruption");
+    let steps = loss_rows(&run).len();
+    assert!((3..400).contains(&steps), "{steps} steps before stopping");
+    let text = ok(&[
+        "train",
+        "--resume",
+        p(&run),
+        "--steps",
+        &(steps + 1).to_string(),
+        "--backend",
+        "cpu",
+    ]);
+    assert!(text.contains(&format!("step {steps}")), "{text}");
+}
+
+fn loss_rows_if_any(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("loss.csv"))
+        .map(|t| t.lines().count().saturating_sub(1))
+        .unwrap_or(0)
+}
