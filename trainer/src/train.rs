@@ -297,13 +297,19 @@ fn default_steps(n_images: usize, batch: usize) -> u64 {
     ((20 * n_images).div_ceil(batch.max(1)) as u64).max(1000)
 }
 
-fn load_data(config: &RunConfig) -> Result<ImageSet> {
-    let source: DataSource = config.data.parse().map_err(anyhow::Error::msg)?;
-    let mut set = data::load(&source, Split::Train, config.image_size, config.channels)?;
-    if !config.classes.is_empty() {
-        set.filter_classes(&config.classes)?;
+/// Load the training images with the run's class filter and image limit.
+fn load_data(
+    source: &DataSource,
+    classes: &[String],
+    limit: Option<usize>,
+    image_size: Option<usize>,
+    channels: Option<usize>,
+) -> Result<ImageSet> {
+    let mut set = data::load(source, Split::Train, image_size, channels)?;
+    if !classes.is_empty() {
+        set.filter_classes(classes)?;
     }
-    if let Some(n) = config.limit {
+    if let Some(n) = limit {
         ensure!(n > 0, "--limit must be at least 1");
         set.truncate(n);
     }
@@ -587,7 +593,7 @@ impl LossLog {
 
 /// Run `ddpm train`.
 pub fn run(args: TrainArgs, stop: Arc<AtomicBool>) -> Result<()> {
-    let (run_dir, config) = match &args.resume {
+    let (run_dir, config, new_run_data) = match &args.resume {
         Some(dir) => {
             let path = dir.join("config.json");
             let text = fs::read_to_string(&path).with_context(|| {
@@ -601,21 +607,20 @@ pub fn run(args: TrainArgs, stop: Arc<AtomicBool>) -> Result<()> {
             if let Some(steps) = args.steps {
                 config.steps = steps;
             }
-            (dir.clone(), config)
+            (dir.clone(), config, None)
         }
         None => {
             let out = args
                 .out
                 .clone()
                 .expect("clap requires --out without --resume");
-            let set = {
-                let mut probe_args_set =
-                    data::load(&args.data, Split::Train, args.image_size, args.channels)?;
-                if !args.classes.is_empty() {
-                    probe_args_set.filter_classes(&args.classes)?;
-                }
-                probe_args_set
-            };
+            let set = load_data(
+                &args.data,
+                &args.classes,
+                args.limit,
+                args.image_size,
+                args.channels,
+            )?;
             let config = new_config(&args, &set)?;
             if out.join("config.json").exists() {
                 bail!(
@@ -629,10 +634,22 @@ pub fn run(args: TrainArgs, stop: Arc<AtomicBool>) -> Result<()> {
                 &out.join("config.json"),
                 &serde_json::to_vec_pretty(&config)?,
             )?;
-            (out, config)
+            (out, config, Some(set))
         }
     };
-    let set = Arc::new(load_data(&config)?);
+    let set = Arc::new(match new_run_data {
+        Some(set) => set,
+        None => {
+            let source: DataSource = config.data.parse().map_err(anyhow::Error::msg)?;
+            load_data(
+                &source,
+                &config.classes,
+                config.limit,
+                config.image_size,
+                config.channels,
+            )?
+        }
+    });
     let schedule = NoiseSchedule::new(&config.model.schedule)?;
     let selected = backend::select(args.backend)?;
     let base = selected.device.clone();
