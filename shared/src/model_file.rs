@@ -61,6 +61,16 @@ impl ModelInfo {
         }
     }
 
+    /// Number of real classes of a class-conditional model (0 for an unconditional one): the
+    /// named classes, or every class embedding when the file names none.
+    pub fn num_classes(&self) -> usize {
+        if self.class_names.is_empty() {
+            self.unet.num_class_embeds.unwrap_or(0)
+        } else {
+            self.class_names.len()
+        }
+    }
+
     /// The label that means "no class" for classifier-free guidance, if the model has one.
     pub fn null_class(&self) -> Option<usize> {
         let n = self.unet.num_class_embeds?;

@@ -124,14 +124,9 @@ impl<'a> Generation<'a> {
                 options.guidance
             )));
         }
-        let num_embeds = info.unet.num_class_embeds;
-        let labels = match (options.class, num_embeds) {
+        let labels = match (options.class, info.unet.num_class_embeds) {
             (Some(c), Some(_)) => {
-                let classes = if info.class_names.is_empty() {
-                    num_embeds.unwrap_or(0)
-                } else {
-                    info.class_names.len()
-                };
+                let classes = info.num_classes();
                 if c >= classes {
                     return Err(Error::InvalidInput(format!(
                         "class {c} is out of range: the model has {classes} classes (0..{classes})"

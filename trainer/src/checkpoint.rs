@@ -55,6 +55,11 @@ fn name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
+/// Read a whole file, naming it in the error.
+pub fn read(path: &Path) -> Result<Vec<u8>> {
+    fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
 /// Write `bytes` to `path` and flush it to disk.
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut file =
@@ -166,10 +171,7 @@ fn prune(root: &Path, keep: usize) {
 }
 
 fn load_one(dir: &Path, info: &ModelInfo, device: &Device, base: &Device) -> Result<Loaded> {
-    let read = |name: &str| {
-        let path = dir.join(name);
-        fs::read(&path).with_context(|| format!("reading {}", path.display()))
-    };
+    let read = |name: &str| read(&dir.join(name));
     let state: State = serde_json::from_slice(&read("state.json")?)
         .with_context(|| format!("{}: state.json is corrupt", dir.display()))?;
     let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(read("model.bpk")?))

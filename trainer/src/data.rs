@@ -93,6 +93,28 @@ impl std::str::FromStr for DataSource {
     }
 }
 
+impl std::fmt::Display for DataSource {
+    /// The `kind:path` spelling [`DataSource::from_str`] reads.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (kind, path) = match self {
+            Self::FashionMnist(p) => ("fashion-mnist", p),
+            Self::Mnist(p) => ("mnist", p),
+            Self::MnistJson(p) => ("mnist-json", p),
+            Self::Cifar10(p) => ("cifar10", p),
+            Self::Folder(p) => ("folder", p),
+        };
+        write!(f, "{kind}:{}", path.display())
+    }
+}
+
+/// The label a user means by `given`: a class name, or else a label number (not range-checked).
+pub fn class_index(names: &[String], given: &str) -> Option<usize> {
+    names
+        .iter()
+        .position(|n| n == given)
+        .or_else(|| given.parse().ok())
+}
+
 /// Images in [-1, 1] with optional labels.
 #[derive(Debug, Clone)]
 pub struct ImageSet {
@@ -139,11 +161,7 @@ impl ImageSet {
         );
         let mut keep = Vec::new();
         for c in classes {
-            let label = self.class_names.iter().position(|n| n == c).or_else(|| {
-                c.parse::<usize>()
-                    .ok()
-                    .filter(|&i| i < self.class_names.len())
-            });
+            let label = class_index(&self.class_names, c).filter(|&i| i < self.class_names.len());
             match label {
                 Some(l) => keep.push(l as u32),
                 None => bail!(
@@ -223,7 +241,7 @@ pub fn load(
 }
 
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let raw = crate::checkpoint::read(path)?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])

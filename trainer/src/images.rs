@@ -11,15 +11,18 @@ use ddpm::schedule::NoiseSchedule;
 use ddpm::unet::UNet;
 use image::{Rgba, RgbaImage};
 
+/// Read a tensor back to the host as f32 values, row-major.
+pub fn to_vec(x: Tensor<4>) -> Vec<f32> {
+    x.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("converted to f32")
+}
+
 /// Read a `[n, c, h, w]` tensor in [-1, 1] back as RGBA images.
 pub fn tensor_to_rgba(x: Tensor<4>) -> Vec<Vec<u8>> {
     let shape = x.dims();
-    let values: Vec<f32> = x
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("converted to f32");
-    to_rgba(&values, shape)
+    to_rgba(&to_vec(x), shape)
 }
 
 /// Lay out equal-sized RGBA images in a grid with `cols` columns and a 2-pixel gutter.
@@ -82,11 +85,7 @@ pub fn sample_grid(
         )
     };
     // A class-conditional model draws its classes in turn.
-    let classes = if info.class_names.is_empty() {
-        info.unet.num_class_embeds.unwrap_or(0)
-    } else {
-        info.class_names.len()
-    };
+    let classes = info.num_classes();
     let mut images = Vec::new();
     if classes == 0 {
         let options = GenerateOptions {

@@ -81,7 +81,7 @@ fn parse_sampler(s: &str) -> Result<SamplerKind, String> {
 
 /// Read a float32 `.npy` array of rank 4.
 pub fn read_npy(path: &Path) -> Result<(Vec<f32>, [usize; 4])> {
-    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = checkpoint::read(path)?;
     let npy = npyz::NpyFile::new(&bytes[..])
         .with_context(|| format!("{}: not a .npy file", path.display()))?;
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
@@ -124,8 +124,7 @@ pub fn write_npy(path: &Path, values: &[f32], shape: &[usize]) -> Result<()> {
 
 /// Run `ddpm sample`.
 pub fn run(args: SampleArgs) -> Result<()> {
-    let bytes =
-        fs::read(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+    let bytes = checkpoint::read(&args.model)?;
     let info = model_file::read_info(&bytes)
         .with_context(|| format!("{} is not a usable model file", args.model.display()))?;
     let schedule = NoiseSchedule::new(&info.schedule)?;
@@ -138,20 +137,16 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let class = match &args.class {
         None => None,
         Some(c) => Some(
-            info.class_names
-                .iter()
-                .position(|n| n == c)
-                .or_else(|| c.parse().ok())
-                .with_context(|| {
-                    if info.class_names.is_empty() {
-                        format!("unknown class {c:?}: the model has no class names")
-                    } else {
-                        format!(
-                            "unknown class {c:?}: the model knows {}",
-                            info.class_names.join(", ")
-                        )
-                    }
-                })?,
+            crate::data::class_index(&info.class_names, c).with_context(|| {
+                if info.class_names.is_empty() {
+                    format!("unknown class {c:?}: the model has no class names")
+                } else {
+                    format!(
+                        "unknown class {c:?}: the model knows {}",
+                        info.class_names.join(", ")
+                    )
+                }
+            })?,
         ),
     };
     let selected = backend::select(args.backend)?;
@@ -223,11 +218,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     );
     match args.format {
         Format::Npy => {
-            let values: Vec<f32> = last
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .expect("f32");
+            let values = images::to_vec(last);
             write_npy(&args.out, &values, &shape)?;
         }
         Format::Pngs => {
@@ -313,7 +304,7 @@ fn write_model(
 /// Run `ddpm export`.
 pub fn export(args: ExportArgs) -> Result<()> {
     let source = export_source(&args.checkpoint)?;
-    let bytes = fs::read(&source).with_context(|| format!("reading {}", source.display()))?;
+    let bytes = checkpoint::read(&source)?;
     let device = burn::tensor::Device::flex();
     let (model, info) = model_file::load(&bytes, &device)
         .with_context(|| format!("{} is not a usable model file", source.display()))?;

@@ -338,7 +338,7 @@ fn new_config(args: &TrainArgs, set_probe: &ImageSet) -> Result<RunConfig> {
     );
     let mut info = match &args.init {
         Some(path) => {
-            let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let bytes = checkpoint::read(path)?;
             let info = model_file::read_info(&bytes)
                 .with_context(|| format!("{} is not a usable model file", path.display()))?;
             ensure!(
@@ -414,7 +414,7 @@ fn new_config(args: &TrainArgs, set_probe: &ImageSet) -> Result<RunConfig> {
         None => LossWeighting::Uniform,
     };
     Ok(RunConfig {
-        data: data_string(&args.data),
+        data: args.data.to_string(),
         classes: args.classes.clone(),
         limit: args.limit,
         image_size: args.image_size,
@@ -441,16 +441,6 @@ fn new_config(args: &TrainArgs, set_probe: &ImageSet) -> Result<RunConfig> {
         log_every: args.log_every.max(1),
         init: args.init.clone(),
     })
-}
-
-fn data_string(source: &DataSource) -> String {
-    match source {
-        DataSource::FashionMnist(p) => format!("fashion-mnist:{}", p.display()),
-        DataSource::Mnist(p) => format!("mnist:{}", p.display()),
-        DataSource::MnistJson(p) => format!("mnist-json:{}", p.display()),
-        DataSource::Cifar10(p) => format!("cifar10:{}", p.display()),
-        DataSource::Folder(p) => format!("folder:{}", p.display()),
-    }
 }
 
 /// One training batch, prepared on the CPU by the loader thread.
@@ -681,8 +671,7 @@ pub fn run(args: TrainArgs, stop: Arc<AtomicBool>) -> Result<()> {
     } else {
         let model = match &config.init {
             Some(path) => {
-                let bytes =
-                    fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                let bytes = checkpoint::read(path)?;
                 model_file::load(&bytes, &device)
                     .with_context(|| format!("loading --init {}", path.display()))?
                     .0
