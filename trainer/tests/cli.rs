@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use ddpm::noise::SeededNoise;
+
 const DDPM: &str = env!("CARGO_BIN_EXE_ddpm");
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -123,61 +125,43 @@ fn train_resume_sample_export() {
     let text = fails(&["train", "--resume", p(&run), "--backend", "cpu"]);
     assert!(text.contains("--steps"), "{text}");
 
-    // Sampling: a grid, raw floats, and the same floats again from the saved noise.
+    // Sampling: a grid, a trajectory, raw floats, and raw floats from a given x_T.
     let model = run.join("model.safetensors");
     let grid = dir.join("grid.png");
-    ok(&[
-        "sample",
-        "--model",
-        p(&model),
-        "--n",
-        "4",
-        "--steps",
-        "3",
-        "--backend",
-        "cpu",
-        "--out",
-        p(&grid),
-    ]);
+    sample(&model, &["--n", "4"], &grid);
     let image = image::open(&grid).unwrap();
     assert_eq!((image.width(), image.height()), (2 * 30 + 2, 2 * 30 + 2));
 
-    let a = dir.join("a.npy");
-    ok(&[
-        "sample",
-        "--model",
-        p(&model),
-        "--n",
-        "2",
-        "--steps",
-        "3",
-        "--seed",
-        "5",
-        "--format",
-        "npy",
-        "--backend",
-        "cpu",
-        "--out",
-        p(&a),
-    ]);
     let frames = dir.join("frames.png");
-    ok(&[
-        "sample",
-        "--model",
-        p(&model),
-        "--n",
-        "2",
-        "--steps",
-        "3",
-        "--frames",
-        "4",
-        "--backend",
-        "cpu",
-        "--out",
-        p(&frames),
-    ]);
+    sample(&model, &["--n", "2", "--frames", "4"], &frames);
     let image = image::open(&frames).unwrap();
     assert_eq!((image.width(), image.height()), (2 * 30 + 2, 4 * 30 + 2));
+
+    let npy = ["--n", "2", "--seed", "5", "--format", "npy"];
+    let a = dir.join("a.npy");
+    sample(&model, &npy, &a);
+    let va = read_npy(&a);
+    assert_eq!(va.len(), 2 * 28 * 28);
+
+    // x_T given as a file: the seed's own x_T reproduces the seeded run exactly, and
+    // other noise gives other images.
+    let x_t = dir.join("x_t.npy");
+    let seeded = SeededNoise::new(5).sample_vec(2 * 28 * 28);
+    write_npy(&x_t, &seeded);
+    let from_file = dir.join("from_file.npy");
+    sample(
+        &model,
+        &[&npy[..], &["--noise", p(&x_t)]].concat(),
+        &from_file,
+    );
+    assert_eq!(read_npy(&from_file), va);
+    write_npy(&x_t, &SeededNoise::new(6).sample_vec(2 * 28 * 28));
+    sample(
+        &model,
+        &[&npy[..], &["--noise", p(&x_t)]].concat(),
+        &from_file,
+    );
+    assert_ne!(read_npy(&from_file), va);
 
     // Export to f16: about half the size, and it still samples.
     let small = dir.join("web.safetensors");
@@ -195,35 +179,48 @@ fn train_resume_sample_export() {
     );
     assert!(half < full * 6 / 10, "f16 {half} vs f32 {full}");
     let b = dir.join("b.npy");
-    ok(&[
-        "sample",
-        "--model",
-        p(&small),
-        "--n",
-        "2",
-        "--steps",
-        "3",
-        "--seed",
-        "5",
-        "--format",
-        "npy",
-        "--backend",
-        "cpu",
-        "--out",
-        p(&b),
-    ]);
-    let read = |path: &Path| -> Vec<f32> {
-        let bytes = std::fs::read(path).unwrap();
-        npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap()
-    };
-    let (va, vb) = (read(&a), read(&b));
-    assert_eq!(va.len(), 2 * 28 * 28);
+    sample(&small, &npy, &b);
     let diff = va
         .iter()
-        .zip(&vb)
+        .zip(&read_npy(&b))
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max);
     assert!(diff < 0.05, "f16 export changes samples by {diff}");
+}
+
+/// `ddpm sample` with 3 steps on the CPU, plus `extra` flags.
+fn sample(model: &Path, extra: &[&str], out: &Path) {
+    let mut args = vec![
+        "sample",
+        "--model",
+        p(model),
+        "--steps",
+        "3",
+        "--backend",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--out", p(out)]);
+    ok(&args);
+}
+
+fn read_npy(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    npyz::NpyFile::new(&bytes[..]).unwrap().into_vec().unwrap()
+}
+
+fn write_npy(path: &Path, values: &[f32]) {
+    use npyz::WriterBuilder;
+    let mut bytes = Vec::new();
+    let mut writer = npyz::WriteOptions::<f32>::new()
+        .default_dtype()
+        .shape(&[2, 1, 28, 28])
+        .writer(&mut bytes)
+        .begin_nd()
+        .unwrap();
+    writer.extend(values.iter().copied()).unwrap();
+    writer.finish().unwrap();
+    std::fs::write(path, bytes).unwrap();
 }
 
 #[test]
