@@ -75,10 +75,33 @@ fn cpu() -> Selected {
     }
 }
 
-/// Pick the device. `auto` tries CUDA, then a discrete or integrated GPU through wgpu
+/// Make burn's `Device::default()` the selected backend. burn materialises some state on the
+/// default device (e.g. AdamW's moments when a checkpoint's optimizer state is loaded), and
+/// the default prefers wgpu whenever it is compiled in: with `--backend cpu` that would start
+/// a GPU runtime (or lavapipe) for nothing. `BURN_DEVICE` is how burn lets a program choose.
+#[allow(unsafe_code)]
+fn pin_default(burn_device: &str) {
+    // SAFETY: called from the main thread while choosing the backend, before the training
+    // loader or any other thread that reads the environment is started.
+    unsafe { std::env::set_var("BURN_DEVICE", burn_device) };
+}
+
+/// Pick the device and make it burn's default. `auto` tries CUDA, then a discrete or integrated GPU through wgpu
 /// (software adapters such as lavapipe are slower than the CPU backend and are skipped), then
 /// the CPU.
 pub fn select(choice: BackendChoice) -> Result<Selected> {
+    let selected = pick(choice)?;
+    pin_default(if selected.name.starts_with("cuda") {
+        "cuda"
+    } else if selected.name.starts_with("wgpu") {
+        "wgpu"
+    } else {
+        "flex"
+    });
+    Ok(selected)
+}
+
+fn pick(choice: BackendChoice) -> Result<Selected> {
     use burn::tensor::wgpu::WgpuBackend as Api;
     match choice {
         BackendChoice::Cuda => cuda(),

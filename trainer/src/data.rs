@@ -44,8 +44,7 @@ pub const CIFAR10_CLASSES: [&str; 10] = [
 pub enum Split {
     /// The training images.
     Train,
-    /// The held-out test images (the reference set of `ddpm eval`, which is not built yet).
-    #[allow(dead_code)]
+    /// The held-out test images (the reference set of `ddpm eval`).
     Test,
 }
 

@@ -112,17 +112,102 @@ pub fn sample_grid(
     save_png(&grid(&images, info.unet.sample_size, cols), path)
 }
 
-/// Plot the loss (log scale, with a moving average) as a PNG.
+/// Draw `text` with the 8×8 basic-Latin bitmap font, top-left corner at (x, y).
+fn draw_text(img: &mut RgbaImage, x: i64, y: i64, text: &str, color: Rgba<u8>) {
+    for (k, ch) in text.chars().enumerate() {
+        let glyph = font8x8::legacy::BASIC_LEGACY
+            .get(ch as usize)
+            .copied()
+            .unwrap_or([0; 8]);
+        for (row, bits) in glyph.iter().enumerate() {
+            for col in 0..8 {
+                let (px, py) = (x + 8 * k as i64 + col, y + row as i64);
+                if bits >> col & 1 == 1
+                    && (0..img.width() as i64).contains(&px)
+                    && (0..img.height() as i64).contains(&py)
+                {
+                    img.put_pixel(px as u32, py as u32, color);
+                }
+            }
+        }
+    }
+}
+
+/// Tick values for a log axis over [lo, hi] (natural-log units): 1, 2 and 5 times powers of
+/// ten, thinned to at most about six.
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let (a, b) = (lo.exp(), hi.exp());
+    let mut ticks = Vec::new();
+    for e in (a.log10().floor() as i32)..=(b.log10().ceil() as i32) {
+        for m in [1.0, 2.0, 5.0] {
+            let v = m * 10f64.powi(e);
+            if v >= a && v <= b {
+                ticks.push(v);
+            }
+        }
+    }
+    let stride = ticks.len().div_ceil(6).max(1);
+    ticks.into_iter().step_by(stride).collect()
+}
+
+/// Round tick values for a linear axis over [lo, hi]: about five of them.
+fn linear_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let raw = (hi - lo) / 5.0;
+    let magnitude = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * magnitude)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * magnitude);
+    let mut v = (lo / step).ceil() * step;
+    let mut ticks = Vec::new();
+    while v <= hi + 1e-9 {
+        ticks.push(v);
+        v += step;
+    }
+    ticks
+}
+
+/// A loss value as a short label: `0.05`, `0.2`, `1`, `1.5e-3`.
+fn loss_label(v: f64) -> String {
+    if (1e-2..1e3).contains(&v) {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        format!("{v:.0e}")
+    }
+}
+
+/// Plot the loss against the step (log-scale loss axis with labelled ticks, the raw values as
+/// dots and a moving average as a line) as a PNG.
 pub fn loss_curve(rows: &[(u64, f64)], path: &Path) -> Result<()> {
-    let (w, h, margin) = (640u32, 360u32, 40u32);
+    let (w, h) = (640u32, 360u32);
+    let (left, right, top, bottom) = (64u32, 16u32, 24u32, 40u32);
     let mut img = RgbaImage::from_pixel(w, h, Rgba([255, 255, 255, 255]));
     let axis = Rgba([0, 0, 0, 255]);
-    for x in margin..w - 10 {
-        img.put_pixel(x, h - margin, axis);
+    let grey = Rgba([110, 110, 110, 255]);
+    for x in left..w - right {
+        img.put_pixel(x, h - bottom, axis);
     }
-    for y in 10..h - margin {
-        img.put_pixel(margin, y, axis);
+    for y in top..=h - bottom {
+        img.put_pixel(left, y, axis);
     }
+    draw_text(&mut img, 4, 6, "loss (log scale)", axis);
+    draw_text(
+        &mut img,
+        (w - right - 8 * 4) as i64,
+        (h - 12) as i64,
+        "step",
+        axis,
+    );
+    let line = Rgba([200, 40, 40, 255]);
+    draw_text(
+        &mut img,
+        (w - right - 8 * 26) as i64,
+        6,
+        "dots: loss, red: average",
+        line,
+    );
     let points: Vec<(f64, f64)> = rows
         .iter()
         .filter(|(_, l)| *l > 0.0 && l.is_finite())
@@ -136,21 +221,54 @@ pub fn loss_curve(rows: &[(u64, f64)], path: &Path) -> Result<()> {
         let (y_min, y_max) = points
             .iter()
             .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
-        let y_span = (y_max - y_min).max(1e-6);
+        let (y_min, y_max) = if y_max - y_min < 1e-6 {
+            (y_min - 0.1, y_max + 0.1)
+        } else {
+            (y_min, y_max)
+        };
+        let plot_w = (w - left - right) as f64;
+        let plot_h = (h - top - bottom) as f64;
         let to_px = |x: f64, y: f64| {
-            let px = margin as f64 + (x - x_min) / (x_max - x_min) * (w - margin - 10) as f64;
-            let py = 10.0 + (y_max - y) / y_span * (h - margin - 10) as f64;
+            let px = left as f64 + (x - x_min) / (x_max - x_min) * plot_w;
+            let py = top as f64 + (y_max - y) / (y_max - y_min) * plot_h;
             (px, py)
         };
+        for v in log_ticks(y_min, y_max) {
+            let (_, py) = to_px(x_min, v.ln());
+            for x in left - 4..left {
+                img.put_pixel(x, py as u32, axis);
+            }
+            let label = loss_label(v);
+            draw_text(
+                &mut img,
+                left as i64 - 6 - 8 * label.len() as i64,
+                py as i64 - 4,
+                &label,
+                grey,
+            );
+        }
+        for v in linear_ticks(x_min, x_max) {
+            let (px, _) = to_px(v, y_min);
+            for y in h - bottom..h - bottom + 4 {
+                img.put_pixel((px as u32).min(w - 1), y, axis);
+            }
+            let label = format!("{}", v as u64);
+            draw_text(
+                &mut img,
+                px as i64 - 4 * label.len() as i64,
+                (h - bottom + 8) as i64,
+                &label,
+                grey,
+            );
+        }
         let raw = Rgba([170, 190, 230, 255]);
         for p in &points {
             let (x, y) = to_px(p.0, p.1);
-            img.put_pixel(x as u32 % w, (y as u32).min(h - 1), raw);
+            img.put_pixel((x as u32).min(w - 1), (y as u32).min(h - 1), raw);
         }
         // Moving average over ~1% of the run.
         let k = (points.len() / 100).max(1);
         let mut prev: Option<(f64, f64)> = None;
-        let line = Rgba([200, 40, 40, 255]);
         for i in (0..points.len()).step_by(k) {
             let window = &points[i.saturating_sub(k)..(i + k).min(points.len())];
             let mean = window.iter().map(|p| p.1).sum::<f64>() / window.len() as f64;
@@ -169,4 +287,35 @@ pub fn loss_curve(rows: &[(u64, f64)], path: &Path) -> Result<()> {
         }
     }
     save_png(&img, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_ticks_are_round_values_inside_the_range() {
+        let ticks = log_ticks(0.03f64.ln(), 0.9f64.ln());
+        let expected = [0.05, 0.1, 0.2, 0.5];
+        assert_eq!(ticks.len(), expected.len());
+        for (t, e) in ticks.iter().zip(expected) {
+            assert!((t - e).abs() < 1e-12, "{ticks:?}");
+        }
+    }
+
+    #[test]
+    fn linear_ticks_are_round_steps() {
+        assert_eq!(
+            linear_ticks(0.0, 1000.0),
+            vec![0.0, 200.0, 400.0, 600.0, 800.0, 1000.0]
+        );
+        assert_eq!(linear_ticks(1.0, 9.0), vec![2.0, 4.0, 6.0, 8.0]);
+    }
+
+    #[test]
+    fn loss_labels_are_short() {
+        assert_eq!(loss_label(0.05), "0.05");
+        assert_eq!(loss_label(1.0), "1");
+        assert_eq!(loss_label(0.002), "2e-3");
+    }
 }

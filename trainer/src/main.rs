@@ -5,6 +5,7 @@ mod backend;
 mod checkpoint;
 mod data;
 mod ema;
+mod eval;
 mod images;
 mod sample;
 mod train;
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Parser, Subcommand};
 
-/// Denoising diffusion probabilistic models: train, sample, export, import.
+/// Denoising diffusion probabilistic models: train, sample, export, import, evaluate.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
@@ -32,6 +33,11 @@ enum Command {
     Export(sample::ExportArgs),
     /// Convert a Hugging Face diffusers UNet2DModel directory into a model file.
     Import(sample::ImportArgs),
+    /// Measure sample quality: Fréchet distance to Fashion-MNIST's test set in the features of
+    /// ddpm's own classifier, with reference rows (real, blurred, noisy images).
+    Eval(Box<eval::EvalArgs>),
+    /// Train the Fashion-MNIST classifier that `ddpm eval` uses and report its test accuracy.
+    Classifier(eval::ClassifierArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,5 +58,7 @@ fn main() -> anyhow::Result<()> {
         Command::Sample(args) => sample::run(args),
         Command::Export(args) => sample::export(args),
         Command::Import(args) => sample::import(args),
+        Command::Eval(args) => eval::run(*args),
+        Command::Classifier(args) => eval::train_classifier(args),
     }
 }

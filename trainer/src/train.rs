@@ -513,7 +513,7 @@ fn make_batch(set: &ImageSet, config: &RunConfig, step: u64) -> Batch {
 }
 
 /// A seeded Fisher–Yates permutation of 0..n.
-fn permutation(n: usize, seed: u64) -> Vec<u32> {
+pub(crate) fn permutation(n: usize, seed: u64) -> Vec<u32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut p: Vec<u32> = (0..n as u32).collect();
     for i in (1..n).rev() {
@@ -581,8 +581,33 @@ impl LossLog {
     }
 }
 
+/// Hold the run directory's lock (`.lock`, an advisory file lock that the OS releases when the
+/// process ends, however it ends): two trainers writing one run would corrupt each other's
+/// loss log and checkpoints.
+fn lock_run(dir: &Path) -> Result<fs::File> {
+    let path = dir.join(".lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => bail!(
+            "another `ddpm train` is using {}: wait for it to finish (or stop it with Ctrl-C)",
+            dir.display()
+        ),
+        Err(fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
 /// Run `ddpm train`.
 pub fn run(args: TrainArgs, stop: Arc<AtomicBool>) -> Result<()> {
+    // Held until the run ends.
+    let _lock: fs::File;
     let (run_dir, config, new_run_data) = match &args.resume {
         Some(dir) => {
             let path = dir.join("config.json");
@@ -594,6 +619,7 @@ pub fn run(args: TrainArgs, stop: Arc<AtomicBool>) -> Result<()> {
             })?;
             let mut config: RunConfig = serde_json::from_str(&text)
                 .with_context(|| format!("{} is corrupt", path.display()))?;
+            _lock = lock_run(dir)?;
             if let Some(steps) = args.steps {
                 config.steps = steps;
             }
@@ -620,6 +646,7 @@ pub fn run(args: TrainArgs, stop: Arc<AtomicBool>) -> Result<()> {
                 );
             }
             fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            _lock = lock_run(&out)?;
             checkpoint::write_atomic(
                 &out.join("config.json"),
                 &serde_json::to_vec_pretty(&config)?,

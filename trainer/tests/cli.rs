@@ -186,6 +186,45 @@ fn train_resume_sample_export() {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max);
     assert!(diff < 0.05, "f16 export changes samples by {diff}");
+
+    // Evaluation: the figures and the reference rows, also as JSON.
+    let report = dir.join("eval.json");
+    let text = ok(&[
+        "eval",
+        "--model",
+        p(&small),
+        "--n",
+        "40",
+        "--steps",
+        "2",
+        "--batch-size",
+        "20",
+        "--backend",
+        "cpu",
+        "--json",
+        p(&report),
+    ]);
+    assert!(text.contains("not Inception FID"), "{text}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let accuracy = report["classifier_test_accuracy"].as_f64().unwrap();
+    assert!(accuracy > 0.85, "classifier accuracy {accuracy}");
+    let rows: Vec<(String, f64)> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap().to_string(),
+                r["frechet_distance"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    assert!(rows.iter().all(|(_, d)| d.is_finite() && *d >= 0.0));
+    // Real images are closer to the test set than noise, and a 4-step model is far from it.
+    let (real, noise) = (rows[1].1, rows[4].1);
+    assert!(real < noise && real < rows[0].1, "{rows:?}");
 }
 
 /// `ddpm sample` with 3 steps on the CPU, plus `extra` flags.
@@ -315,6 +354,25 @@ fn bad_inputs_get_clear_errors() {
     std::fs::write(&junk, b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!").unwrap();
     let text = fails(&["sample", "--model", p(&junk), "--backend", "cpu"]);
     assert!(text.contains("not a usable model file"), "{text}");
+
+    // ddpm eval: too few images, a classifier file that is not one, a model that is not one.
+    let text = fails(&["eval", "--model", p(&junk), "--n", "1", "--backend", "cpu"]);
+    assert!(text.contains("--n must be at least 2"), "{text}");
+    let text = fails(&[
+        "eval",
+        "--model",
+        p(&junk),
+        "--classifier",
+        p(&junk),
+        "--backend",
+        "cpu",
+    ]);
+    assert!(
+        text.contains("junk.safetensors") && text.contains("not a classifier"),
+        "{text}"
+    );
+    let text = fails(&["eval", "--model", p(&junk), "--n", "4", "--backend", "cpu"]);
+    assert!(text.contains("not a usable model file"), "{text}");
 }
 
 #[test]
@@ -346,6 +404,9 @@ fn killed_mid_run_still_resumes() {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    // While it runs, a second trainer on the same directory is refused.
+    let text = fails(&["train", "--resume", p(&run), "--backend", "cpu"]);
+    assert!(text.contains("another `ddpm train` is using"), "{text}");
     child.kill().unwrap();
     child.wait().unwrap();
     let text = ok(&[
@@ -424,4 +485,66 @@ fn loss_rows_if_any(run: &Path) -> usize {
     std::fs::read_to_string(run.join("loss.csv"))
         .map(|t| t.lines().count().saturating_sub(1))
         .unwrap_or(0)
+}
+
+/// A full disk while a checkpoint is written: the run stops with a message naming the problem,
+/// the previous checkpoint stays intact, and the run resumes from it once there is room. The
+/// disk is a small tmpfs mounted in a private user + mount namespace (`unshare`, no root needed
+/// where unprivileged user namespaces are allowed), filled up after the first checkpoint.
+#[test]
+fn full_disk_keeps_the_previous_checkpoint() {
+    let dir = temp_dir("disk-full");
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let run = mnt.join("run");
+    let first = train_args(p(&run), "2").join(" ");
+    let script = format!(
+        r#"set -u
+mount -t tmpfs -o size=48M tmpfs {mnt} || exit 90
+{ddpm} {first} > {dir}/first.log 2>&1 || exit 91
+# Leave 1 MiB: enough for the loss log, too little for a checkpoint (several MiB).
+avail=$(df --output=avail -k {mnt} | tail -n 1)
+dd if=/dev/zero of={mnt}/filler bs=1k count=$((avail - 1024)) 2> /dev/null
+{ddpm} train --resume {run} --steps 4 --backend cpu > {dir}/full.log 2>&1
+echo $? > {dir}/full.rc
+ls {run}/checkpoints > {dir}/after-full.txt
+rm {mnt}/filler
+{ddpm} train --resume {run} --steps 4 --backend cpu > {dir}/resumed.log 2>&1 || exit 92
+ls {run}/checkpoints > {dir}/after-resume.txt
+"#,
+        mnt = p(&mnt),
+        ddpm = DDPM,
+        dir = p(&dir),
+        run = p(&run),
+    );
+    let status = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "sh", "-c", &script])
+        .status()
+        .expect("running unshare (util-linux)");
+    let log = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    assert!(
+        status.success(),
+        "script failed ({status}): {}{}{}",
+        log("first.log"),
+        log("full.log"),
+        log("resumed.log")
+    );
+    let full = log("full.log");
+    assert_ne!(log("full.rc").trim(), "0", "{full}");
+    assert!(
+        full.contains("No space left on device")
+            && full.contains("writing checkpoint")
+            && full.contains("earlier checkpoints are untouched")
+            && !full.contains("panicked"),
+        "{full}"
+    );
+    assert!(
+        log("after-full.txt").contains("step-00000002"),
+        "{}",
+        log("after-full.txt")
+    );
+    assert!(!log("after-full.txt").contains(".tmp-"));
+    let resumed = log("resumed.log");
+    assert!(resumed.contains("step 2"), "{resumed}");
+    assert!(log("after-resume.txt").contains("step-00000004"));
 }

@@ -160,6 +160,38 @@ impl UNetConfig {
         self.block_out_channels.first().copied().unwrap_or(0) * 4
     }
 
+    /// An estimate of the largest single f32 buffer a forward pass over `batch` images
+    /// allocates, in bytes: the biggest feature map (an up block's input concatenates the skip
+    /// connection, up to twice the widest channel count) or the biggest attention score matrix
+    /// `[batch·heads, hw, hw]`. WebGPU caps a storage buffer's size per adapter; this is what a
+    /// caller compares with that cap before running.
+    pub fn largest_buffer_bytes(&self, batch: usize) -> u64 {
+        let batch = batch as u64;
+        let widest = self.block_out_channels.iter().copied().max().unwrap_or(0) as u64;
+        let side = self.sample_size as u64;
+        let mut largest = batch * 2 * widest * side * side * 4;
+        let heads = |channels: usize| match self.attention_head_dim {
+            Some(d) if d > 0 => (channels / d).max(1) as u64,
+            _ => 1,
+        };
+        for (level, (block, &channels)) in self
+            .down_block_types
+            .iter()
+            .zip(&self.block_out_channels)
+            .enumerate()
+        {
+            let s = side >> level;
+            if *block == DownBlockType::AttnDownBlock2D {
+                largest = largest.max(batch * heads(channels) * (s * s) * (s * s) * 4);
+            }
+        }
+        if self.add_attention {
+            let s = side >> self.num_downsamples();
+            largest = largest.max(batch * heads(widest as usize) * (s * s) * (s * s) * 4);
+        }
+        largest
+    }
+
     /// GroupNorm groups used by ResNet blocks.
     pub(crate) fn resnet_groups(&self) -> usize {
         self.norm_num_groups
@@ -513,5 +545,29 @@ fn sample_size_or_default<'de, D: serde::Deserializer<'de>>(
         Some(Size::Pair([h, w])) => Err(serde::de::Error::custom(format!(
             "sample_size [{h}, {w}]: only square images are supported"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn largest_buffer_is_a_feature_map_or_an_attention_matrix() {
+        // small_28: the widest map is an up block's input, 2·64 channels at 28×28 (401,408 B);
+        // attention at 14×14 with 2 heads needs 2·196²·4 = 307,328 B.
+        let small = UNetConfig::small_28();
+        assert_eq!(small.largest_buffer_bytes(1), 2 * 64 * 28 * 28 * 4);
+        assert_eq!(small.largest_buffer_bytes(10), 10 * 2 * 64 * 28 * 28 * 4);
+        // Attention at full resolution on 64×64 images: 4 heads · 4096² · 4 B per image.
+        let big = UNetConfig {
+            sample_size: 64,
+            down_block_types: vec![DownBlockType::AttnDownBlock2D, DownBlockType::DownBlock2D],
+            up_block_types: vec![UpBlockType::UpBlock2D, UpBlockType::AttnUpBlock2D],
+            block_out_channels: vec![32, 64],
+            attention_head_dim: Some(8),
+            ..UNetConfig::default()
+        };
+        assert_eq!(big.largest_buffer_bytes(2), 2 * 4 * 4096 * 4096 * 4);
     }
 }

@@ -1,0 +1,581 @@
+//! `ddpm eval` and `ddpm classifier`: sample quality as a Fréchet distance in the feature space
+//! of a small Fashion-MNIST classifier that this tool trains itself.
+//!
+//! The distance is the Fréchet (2-Wasserstein) distance between Gaussians fitted to the
+//! classifier's 128-dimensional penultimate features, as in Heusel et al. 2017, but with this
+//! classifier instead of Inception-v3: the numbers are comparable with each other, not with
+//! published FIDs. `ddpm eval` prints reference rows next to the model's figure (real training
+//! images, blurred and noisy test images, pure noise) so that a reader can judge it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, ensure};
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::store::ModuleRecord;
+use burn::tensor::activation::relu;
+use burn::tensor::{Bytes, Device, Int, Tensor, TensorData};
+use clap::Args;
+use ddpm::model_file;
+use ddpm::noise::SeededNoise;
+use ddpm::pipeline::{GenerateOptions, Generation};
+use ddpm::sampler::{SamplerKind, SamplerOptions, build_sampler};
+use ddpm::schedule::NoiseSchedule;
+use nalgebra::{DMatrix, DVector, SymmetricEigen};
+use rand_chacha::ChaCha8Rng;
+use rand_core::SeedableRng;
+
+use crate::backend::{self, BackendChoice};
+use crate::checkpoint;
+use crate::data::{self, DataSource, ImageSet, Split};
+use crate::images;
+
+/// Side of the images the classifier reads.
+const SIDE: usize = 28;
+/// Width of the feature vectors.
+pub const FEATURES: usize = 128;
+/// The committed classifier, trained with `ddpm classifier` (see the README for the command).
+const BUNDLED: &[u8] = include_bytes!("../assets/fashion-mnist-classifier.bpk");
+
+/// A small CNN for 28×28 grayscale images: two conv/ReLU/max-pool stages, a 128-unit feature
+/// layer, and a linear read-out to the 10 classes.
+#[derive(Module, Debug)]
+pub struct Classifier {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    pool: MaxPool2d,
+    features: Linear,
+    head: Linear,
+}
+
+impl Classifier {
+    /// A freshly initialised classifier.
+    pub fn new(device: &Device) -> Self {
+        let conv = |c_in, c_out| {
+            Conv2dConfig::new([c_in, c_out], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(device)
+        };
+        Self {
+            conv1: conv(1, 32),
+            conv2: conv(32, 64),
+            pool: MaxPool2dConfig::new([2, 2]).init(),
+            features: LinearConfig::new(64 * 7 * 7, FEATURES).init(device),
+            head: LinearConfig::new(FEATURES, 10).init(device),
+        }
+    }
+
+    /// The committed classifier.
+    pub fn bundled(device: &Device) -> Result<Self> {
+        Self::from_bytes(BUNDLED.to_vec(), device)
+    }
+
+    /// A classifier from `ddpm classifier`'s output.
+    pub fn from_bytes(bytes: Vec<u8>, device: &Device) -> Result<Self> {
+        let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes))
+            .map_err(|e| anyhow::anyhow!("not a classifier written by `ddpm classifier`: {e:?}"))?;
+        let model = Self::new(device);
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.load_record(record)))
+            .map_err(|_| anyhow::anyhow!("the weights do not fit the classifier's layers"))
+    }
+
+    /// Penultimate features.
+    ///
+    /// # Shapes
+    /// - x: `[batch, 1, 28, 28]`, pixels in [-1, 1]
+    /// - output: `[batch, 128]`
+    pub fn features(&self, x: Tensor<4>) -> Tensor<2> {
+        let x = self.pool.forward(relu(self.conv1.forward(x)));
+        let x = self.pool.forward(relu(self.conv2.forward(x)));
+        relu(self.features.forward(x.flatten(1, 3)))
+    }
+
+    /// Class logits, `[batch, 10]`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        self.head.forward(self.features(x))
+    }
+}
+
+/// Images `[n, 784]` (flattened) as a tensor.
+fn batch_tensor(pixels: &[f32], device: &Device) -> Tensor<4> {
+    let n = pixels.len() / (SIDE * SIDE);
+    Tensor::from_data(TensorData::new(pixels.to_vec(), [n, 1, SIDE, SIDE]), device)
+}
+
+fn read_f32(x: Tensor<2>) -> Vec<f32> {
+    x.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("converted to f32")
+}
+
+/// Features and predicted classes of flattened 28×28 images, in batches.
+fn classify(model: &Classifier, pixels: &[f32], device: &Device) -> (Vec<f32>, Vec<usize>) {
+    let mut features = Vec::new();
+    let mut predicted = Vec::new();
+    for chunk in pixels.chunks(256 * SIDE * SIDE) {
+        let f = model.features(batch_tensor(chunk, device));
+        let logits = read_f32(model.head.forward(f.clone()));
+        features.extend(read_f32(f));
+        predicted.extend(logits.chunks_exact(10).map(|row| {
+            row.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i)
+                .unwrap_or(0)
+        }));
+    }
+    (features, predicted)
+}
+
+fn accuracy(predicted: &[usize], labels: &[u32]) -> f64 {
+    let right = predicted
+        .iter()
+        .zip(labels)
+        .filter(|(p, l)| **p == **l as usize)
+        .count();
+    right as f64 / labels.len().max(1) as f64
+}
+
+/// Mean and covariance of a set of feature vectors.
+#[derive(Debug, Clone)]
+pub struct Gaussian {
+    mean: DVector<f64>,
+    cov: DMatrix<f64>,
+}
+
+impl Gaussian {
+    /// Fit to `rows` feature vectors of width `dim` (unbiased covariance).
+    pub fn fit(features: &[f32], dim: usize) -> Self {
+        let n = features.len() / dim;
+        let x = DMatrix::from_row_iterator(n, dim, features.iter().map(|&v| v as f64));
+        let mean = x.row_mean().transpose();
+        let centred = DMatrix::from_fn(n, dim, |i, j| x[(i, j)] - mean[j]);
+        let cov = centred.transpose() * &centred / (n.max(2) - 1) as f64;
+        Self { mean, cov }
+    }
+}
+
+/// The square root of a symmetric positive semi-definite matrix (negative round-off
+/// eigenvalues are clamped to zero).
+fn sqrt_psd(m: &DMatrix<f64>) -> DMatrix<f64> {
+    let sym = (m + m.transpose()) * 0.5;
+    let eig = SymmetricEigen::new(sym);
+    let roots = eig.eigenvalues.map(|v| v.max(0.0).sqrt());
+    &eig.eigenvectors * DMatrix::from_diagonal(&roots) * eig.eigenvectors.transpose()
+}
+
+/// Fréchet distance `‖μ₁−μ₂‖² + tr(Σ₁ + Σ₂ − 2 (Σ₁^½ Σ₂ Σ₁^½)^½)`.
+pub fn frechet_distance(a: &Gaussian, b: &Gaussian) -> f64 {
+    let diff = &a.mean - &b.mean;
+    let root_a = sqrt_psd(&a.cov);
+    let inner = &root_a * &b.cov * &root_a;
+    let sym = (&inner + inner.transpose()) * 0.5;
+    let cross: f64 = SymmetricEigen::new(sym)
+        .eigenvalues
+        .iter()
+        .map(|v| v.max(0.0).sqrt())
+        .sum();
+    (diff.dot(&diff) + a.cov.trace() + b.cov.trace() - 2.0 * cross).max(0.0)
+}
+
+/// A Gaussian blur of each 28×28 image.
+fn blurred(pixels: &[f32], sigma: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(pixels.len());
+    for image in pixels.chunks_exact(SIDE * SIDE) {
+        let gray = image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(
+            SIDE as u32,
+            SIDE as u32,
+            image.to_vec(),
+        )
+        .expect("28x28 buffer");
+        out.extend(image::imageops::blur(&gray, sigma).into_raw());
+    }
+    out
+}
+
+/// `ddpm classifier` flags.
+#[derive(Debug, Args)]
+pub struct ClassifierArgs {
+    /// Fashion-MNIST directory (IDX files).
+    #[arg(long, default_value = "fashion-mnist")]
+    pub data: DataSource,
+    /// Passes over the 60,000 training images.
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    /// Images per batch.
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// Learning rate (Adam).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Seed for initialisation and data order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where to write the weights (burn record).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendChoice,
+}
+
+fn fashion_mnist(source: &DataSource, split: Split) -> Result<ImageSet> {
+    let set = data::load(source, split, None, None)?;
+    ensure!(
+        set.size == SIDE && set.channels == 1 && set.class_names.len() == 10,
+        "the evaluation classifier needs 28x28 grayscale images in 10 classes; {source} has \
+         {0}x{0}x{1} images in {2} classes",
+        set.size,
+        set.channels,
+        set.class_names.len()
+    );
+    Ok(set)
+}
+
+/// Run `ddpm classifier`: train the evaluation classifier and report its test accuracy.
+pub fn train_classifier(args: ClassifierArgs) -> Result<()> {
+    ensure!(
+        args.epochs > 0 && args.batch_size > 0,
+        "--epochs and --batch-size must be > 0"
+    );
+    let selected = backend::select(args.backend)?;
+    let base = selected.device.clone();
+    base.seed(args.seed);
+    let device = base.clone().autodiff();
+    let train = fashion_mnist(&args.data, Split::Train)?;
+    let test = fashion_mnist(&args.data, Split::Test)?;
+    eprintln!(
+        "training the evaluation classifier on {} ({} images, {} epochs)",
+        selected.name,
+        train.len(),
+        args.epochs
+    );
+    let mut model = Classifier::new(&device);
+    let mut optim = AdamConfig::new().init();
+    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let image_len = SIDE * SIDE;
+    for epoch in 0..args.epochs {
+        let order = crate::train::permutation(train.len(), args.seed ^ (epoch as u64 + 1));
+        let mut total = 0.0;
+        let mut batches = 0;
+        for chunk in order.chunks(args.batch_size) {
+            let mut pixels = Vec::with_capacity(chunk.len() * image_len);
+            let mut labels = Vec::with_capacity(chunk.len());
+            for &i in chunk {
+                pixels.extend_from_slice(train.image(i as usize));
+                labels.push(train.labels[i as usize] as i64);
+            }
+            let x = batch_tensor(&pixels, &device);
+            let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [chunk.len()]), &device);
+            let loss = loss_fn.forward(model.forward(x), y);
+            total += loss.clone().into_scalar::<f32>() as f64;
+            batches += 1;
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(args.lr, model, grads);
+        }
+        let valid = model.valid();
+        let (_, predicted) = classify(&valid, &test.pixels, &base);
+        eprintln!(
+            "epoch {}: mean loss {:.4}, test accuracy {:.4}",
+            epoch + 1,
+            total / batches as f64,
+            accuracy(&predicted, &test.labels)
+        );
+    }
+    let bytes = model
+        .valid()
+        .into_record()
+        .into_bytes()
+        .context("serialising the classifier")?;
+    checkpoint::write_atomic(&args.out, &bytes)?;
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// `ddpm eval` flags.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Model file to evaluate (28×28 grayscale, e.g. trained on Fashion-MNIST).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Number of generated images (the reference rows use as many real images).
+    #[arg(long, default_value_t = 1000)]
+    pub n: usize,
+    /// Sampler.
+    #[arg(long, default_value = "ddim", value_parser = parse_sampler)]
+    pub sampler: SamplerKind,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// Classifier-free guidance scale for class-conditional models (1 = none).
+    #[arg(long, default_value_t = 1.0)]
+    pub guidance: f64,
+    /// Seed of the sampling noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Images generated per forward pass.
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+    /// Fashion-MNIST directory: the t10k images are the reference.
+    #[arg(long, default_value = "fashion-mnist")]
+    pub data: DataSource,
+    /// Classifier weights from `ddpm classifier` (default: the committed one).
+    #[arg(long)]
+    pub classifier: Option<PathBuf>,
+    /// Also write the figures as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendChoice,
+}
+
+fn parse_sampler(s: &str) -> Result<SamplerKind, String> {
+    s.parse().map_err(|e: ddpm::Error| e.to_string())
+}
+
+/// Generate `n` images (classes in turn for a class-conditional model); returns the flattened
+/// pixels and the requested classes.
+fn generate(args: &EvalArgs, model_path: &Path, device: &Device) -> Result<(Vec<f32>, Vec<u32>)> {
+    let bytes = checkpoint::read(model_path)?;
+    let (model, info) = model_file::load(&bytes, device)
+        .with_context(|| format!("{} is not a usable model file", model_path.display()))?;
+    let u = &info.unet;
+    ensure!(
+        u.sample_size == SIDE && u.in_channels == 1,
+        "{}: ddpm eval measures 28x28 grayscale models (its classifier is trained on \
+         Fashion-MNIST); this model makes {1}x{1}x{2} images",
+        model_path.display(),
+        u.sample_size,
+        u.in_channels
+    );
+    let schedule = NoiseSchedule::new(&info.schedule)?;
+    ensure!(
+        (1..=schedule.num_train_timesteps()).contains(&args.steps),
+        "--steps {} must be between 1 and the model's {} training timesteps",
+        args.steps,
+        schedule.num_train_timesteps()
+    );
+    let classes = info.num_classes();
+    let mut pixels = Vec::with_capacity(args.n * SIDE * SIDE);
+    let mut requested = Vec::new();
+    let mut done = 0;
+    let bar = indicatif::ProgressBar::new(args.n as u64).with_style(
+        indicatif::ProgressStyle::with_template("sampling {bar:30} {pos}/{len} [{elapsed}<{eta}]")
+            .expect("valid template"),
+    );
+    let mut batch_index = 0u64;
+    while done < args.n {
+        let b = args.batch_size.min(args.n - done);
+        // One class per batch keeps guidance a single 2b forward pass.
+        let class = (classes > 0).then(|| batch_index as usize % classes);
+        let options = GenerateOptions {
+            n: b,
+            seed: args.seed.wrapping_add(batch_index),
+            class,
+            guidance: args.guidance,
+        };
+        let sampler = build_sampler(
+            args.sampler,
+            &schedule,
+            info.prediction,
+            args.steps,
+            &SamplerOptions::default(),
+        )?;
+        let generation = Generation::new(&model, &info, sampler, &options, device)?;
+        pixels.extend(images::to_vec(generation.run()));
+        if let Some(c) = class {
+            requested.extend(std::iter::repeat_n(c as u32, b));
+        }
+        done += b;
+        batch_index += 1;
+        bar.set_position(done as u64);
+    }
+    bar.finish_and_clear();
+    Ok((pixels, requested))
+}
+
+/// One line of the report.
+#[derive(Debug, serde::Serialize)]
+struct Row {
+    name: String,
+    frechet_distance: f64,
+}
+
+/// Run `ddpm eval`.
+pub fn run(args: EvalArgs) -> Result<()> {
+    ensure!(
+        args.n >= 2,
+        "--n must be at least 2 (a covariance needs two images)"
+    );
+    ensure!(args.batch_size > 0, "--batch-size must be > 0");
+    let selected = backend::select(args.backend)?;
+    let device = selected.device.clone();
+    let classifier = match &args.classifier {
+        Some(path) => Classifier::from_bytes(checkpoint::read(path)?, &device)
+            .with_context(|| format!("{}", path.display()))?,
+        None => Classifier::bundled(&device)?,
+    };
+    let test = fashion_mnist(&args.data, Split::Test)?;
+    let train = fashion_mnist(&args.data, Split::Train)?;
+    let (test_features, test_predicted) = classify(&classifier, &test.pixels, &device);
+    let test_accuracy = accuracy(&test_predicted, &test.labels);
+    let reference = Gaussian::fit(&test_features, FEATURES);
+    eprintln!(
+        "classifier: {:.2}% accuracy on the {} t10k images; features from {}",
+        100.0 * test_accuracy,
+        test.len(),
+        selected.name
+    );
+
+    let (samples, requested) = generate(&args, &args.model, &device)?;
+    let n = args.n;
+    let (sample_features, sample_predicted) = classify(&classifier, &samples, &device);
+    let distance =
+        |features: &[f32]| frechet_distance(&Gaussian::fit(features, FEATURES), &reference);
+
+    let real = &train.pixels[..n.min(train.len()) * SIDE * SIDE];
+    let some_test = &test.pixels[..n.min(test.len()) * SIDE * SIDE];
+    let mut noisy = some_test.to_vec();
+    let noise = SeededNoise::new(args.seed).sample_vec(noisy.len());
+    for (p, z) in noisy.iter_mut().zip(noise) {
+        *p = (*p + 0.5 * z).clamp(-1.0, 1.0);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    let pure_noise: Vec<f32> = {
+        use rand_core::Rng;
+        (0..n * SIDE * SIDE)
+            .map(|_| (rng.next_u32() >> 8) as f32 / (1u32 << 23) as f32 - 1.0)
+            .collect()
+    };
+    let mut rows = vec![Row {
+        name: format!(
+            "model: {} ({} {} steps{})",
+            args.model.display(),
+            args.sampler,
+            args.steps,
+            if requested.is_empty() {
+                String::new()
+            } else {
+                format!(", guidance {}", args.guidance)
+            }
+        ),
+        frechet_distance: distance(&sample_features),
+    }];
+    let refs: [(&str, &[f32]); 4] = [
+        ("real: training images (the floor)", real),
+        (
+            "test images blurred (Gaussian σ=1)",
+            &blurred(some_test, 1.0),
+        ),
+        ("test images + noise (σ=0.5)", &noisy),
+        ("uniform noise (a ceiling)", &pure_noise),
+    ];
+    for (name, pixels) in refs {
+        rows.push(Row {
+            name: name.to_string(),
+            frechet_distance: distance(&classify(&classifier, pixels, &device).0),
+        });
+    }
+
+    println!(
+        "Fréchet distance to the {} Fashion-MNIST test images, in the features of ddpm's \
+         Fashion-MNIST classifier (not Inception FID); {n} images per row:",
+        test.len()
+    );
+    for row in &rows {
+        println!("  {:>9.3}  {}", row.frechet_distance, row.name);
+    }
+    let mut histogram = [0usize; 10];
+    for &p in &sample_predicted {
+        histogram[p] += 1;
+    }
+    println!(
+        "classes the classifier sees in the samples: {}",
+        (0..10)
+            .map(|c| format!("{} {}", test.class_names[c], histogram[c]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let class_accuracy = (!requested.is_empty()).then(|| {
+        let a = accuracy(&sample_predicted, &requested);
+        println!(
+            "requested class recognised in {:.1}% of the samples",
+            100.0 * a
+        );
+        a
+    });
+    if let Some(path) = &args.json {
+        let report = serde_json::json!({
+            "n": n,
+            "sampler": args.sampler.to_string(),
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "classifier_test_accuracy": test_accuracy,
+            "rows": rows,
+            "class_histogram": histogram,
+            "requested_class_accuracy": class_accuracy,
+        });
+        checkpoint::write_atomic(path, &serde_json::to_vec_pretty(&report)?)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gaussian(mean: &[f64], cov: &[f64]) -> Gaussian {
+        let d = mean.len();
+        Gaussian {
+            mean: DVector::from_column_slice(mean),
+            cov: DMatrix::from_row_slice(d, d, cov),
+        }
+    }
+
+    #[test]
+    fn identical_gaussians_are_at_distance_zero() {
+        let a = gaussian(&[1.0, -2.0], &[2.0, 0.5, 0.5, 1.0]);
+        assert!(frechet_distance(&a, &a).abs() < 1e-12);
+    }
+
+    #[test]
+    fn diagonal_covariances_match_the_closed_form() {
+        // For commuting covariances the distance is ‖Δμ‖² + Σ (√a_i − √b_i)².
+        let a = gaussian(
+            &[0.0, 1.0, 2.0],
+            &[4.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 9.0],
+        );
+        let b = gaussian(
+            &[1.0, 1.0, 0.0],
+            &[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 4.0],
+        );
+        let expected = (1.0 + 0.0 + 4.0) + (1.0 + 0.0 + 1.0);
+        assert!((frechet_distance(&a, &b) - expected).abs() < 1e-12);
+    }
+
+    #[test]
+    fn non_commuting_covariances_match_the_two_by_two_formula() {
+        // For 2×2 PSD M: tr √M = √(tr M + 2 √det M). With A = I, √A B √A = B.
+        let a = gaussian(&[0.0, 0.0], &[1.0, 0.0, 0.0, 1.0]);
+        let b = gaussian(&[0.0, 0.0], &[2.0, 0.7, 0.7, 1.5]);
+        let (tr, det): (f64, f64) = (3.5, 2.0 * 1.5 - 0.49);
+        let expected = 2.0 + 3.5 - 2.0 * (tr + 2.0 * det.sqrt()).sqrt();
+        assert!((frechet_distance(&a, &b) - expected).abs() < 1e-12);
+        // Symmetric in its arguments.
+        assert!((frechet_distance(&b, &a) - expected).abs() < 1e-10);
+    }
+
+    #[test]
+    fn fitted_gaussian_matches_the_sample_moments() {
+        // Rows (1, 2), (3, 2), (5, 8): mean (3, 4); covariance [[4, 6], [6, 12]].
+        let g = Gaussian::fit(&[1.0, 2.0, 3.0, 2.0, 5.0, 8.0], 2);
+        assert_eq!(g.mean.as_slice(), &[3.0, 4.0]);
+        assert_eq!(g.cov.as_slice(), &[4.0, 6.0, 6.0, 12.0]);
+    }
+}
