@@ -11,8 +11,14 @@ apt_packages=()
   || apt_packages+=(mesa-vulkan-drivers)
 # Fashion-MNIST (60k + 10k images, IDX format): the trainer's default data set and its tests.
 [ -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || apt_packages+=(dataset-fashion-mnist)
-# node runs the wasm32 build of the portable noise generator.
+# node (and npm) run the wasm32 noise check and drive the browser test; npm installs wasm-opt.
 command -v node >/dev/null 2>&1 || apt_packages+=(nodejs)
+command -v npm >/dev/null 2>&1 || apt_packages+=(npm)
+# Chromium runs the page in the browser test (WebGPU on its bundled SwiftShader).
+command -v chromium >/dev/null 2>&1 || apt_packages+=(chromium)
+# trunk's build needs OpenSSL headers and pkg-config (its native-tls feature).
+[ -e /usr/include/openssl/ssl.h ] || apt_packages+=(libssl-dev)
+command -v pkg-config >/dev/null 2>&1 || apt_packages+=(pkg-config)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   say "apt-get install ${apt_packages[*]}"
   SUDO=""
@@ -31,3 +37,22 @@ for component in rustfmt clippy; do
     rustup component add "$component"
   fi
 done
+
+# trunk would download wasm-bindgen and wasm-opt; install them locally instead (Trunk.toml pins
+# the versions). wasm-bindgen-cli must equal the wasm-bindgen version in Cargo.lock; its own
+# lockfile names a crate version the registry lacks, hence no --locked there. trunk 0.21.14 is
+# the newest that builds with rustc 1.95.
+bindgen_version="$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/[^0-9.]/, ""); print; exit }' Cargo.lock)"
+if ! wasm-bindgen --version 2>/dev/null | grep -q " $bindgen_version\b"; then
+  say "cargo install wasm-bindgen-cli $bindgen_version (several minutes)"
+  cargo install wasm-bindgen-cli --version "=$bindgen_version"
+fi
+if ! trunk --version 2>/dev/null | grep -q "0.21.14"; then
+  say "cargo install trunk 0.21.14 (several minutes)"
+  cargo install trunk --version 0.21.14 --locked
+fi
+# wasm-opt 132 from npm (Debian's binaryen 108 breaks the module) and puppeteer-core.
+if [ ! -x node_modules/.bin/wasm-opt ] || [ ! -d node_modules/puppeteer-core ]; then
+  say "npm ci (binaryen, puppeteer-core)"
+  npm ci --no-audit --no-fund --loglevel=error
+fi

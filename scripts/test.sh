@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs what is missing, then checks formatting, runs
-# every Rust test (CPU and wgpu-on-lavapipe), builds the library for wasm32 and checks that the
-# wasm build draws the same noise as the native one.
+# every Rust test (CPU and wgpu-on-lavapipe), builds the web page and wasm module with trunk,
+# checks that the wasm build draws the same noise as the native one, and runs the page in
+# headless Chromium (WebGPU on SwiftShader, then the CPU fallback).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -12,6 +13,13 @@ cargo fmt --all -- --check
 echo "==> cargo test"
 cargo test --workspace --locked
 
-echo "==> wasm32 build of the library and the web module"
-cargo build -p ddpm-web --target wasm32-unknown-unknown --locked
-node tests/wasm/noise_check.mjs target/wasm32-unknown-unknown/debug/ddpm_web.wasm
+echo "==> trunk build --release (the page and the wasm module)"
+export PATH="$PWD/node_modules/.bin:$PATH" # wasm-opt 132 from npm
+cargo fetch --locked                       # trunk builds offline
+trunk build --release
+
+echo "==> wasm32 noise equals the native noise"
+node tests/wasm/noise_check.mjs target/wasm32-unknown-unknown/release/ddpm_web.wasm
+
+echo "==> the page in headless Chromium"
+tests/browser/run.sh

@@ -1,13 +1,28 @@
-//! The wasm module: sampling ddpm models in the browser (WebGPU, CPU fallback).
+//! The wasm module: sample ddpm models in the browser, on WebGPU with a CPU fallback.
 //!
-//! For now it exports the portable noise generator as a plain C-ABI function so that a test can
-//! check, in node, that wasm32 produces the same numbers as x86-64 (`tests/wasm/noise_check.mjs`).
+//! JavaScript sees one class, `Diffusion`:
+//!
+//! ```js
+//! const d = await Diffusion.load(bytes);             // or Diffusion.load(bytes, "cpu")
+//! const out = await d.sample({ n: 16, steps: 25, sampler: "ddim", seed: 7,
+//!                              onStep: ({ step, total, rgba }) => draw(rgba) });
+//! d.backend();                                       // "webgpu" or "cpu"
+//! ```
+//!
+//! The same model, seed and sampler give the same numbers as `ddpm sample` (the noise stream
+//! is portable and the pipeline is the `ddpm` crate's). Reads from the GPU are asynchronous;
+//! the sampling loop yields to the event loop after every step so that the page stays
+//! responsive and a run can be cancelled.
 
 use ddpm::noise::SeededNoise;
 
+#[cfg(target_family = "wasm")]
+mod api;
+
 /// The `index`-th value (from 0) of the standard normal stream for `seed`, as f32.
 ///
-/// Exported unmangled so the raw `.wasm` can be called without JS glue.
+/// Exported unmangled so that a test can call the raw `.wasm` in node, without JS glue, and
+/// check that wasm32 draws the same noise as x86-64 (`tests/wasm/noise_check.mjs`).
 #[allow(unsafe_code)] // `no_mangle` is an unsafe attribute: the symbol name must be unique.
 #[unsafe(no_mangle)]
 pub extern "C" fn ddpm_noise_value(seed: u64, index: u32) -> f32 {

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The browser test: a native reference sample from the bundled model, then the built page in
+# headless Chromium (tests/browser/page_test.mjs). Needs `trunk build --release` output in dist/,
+# target/debug/ddpm, node_modules (npm ci) and /usr/bin/chromium.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+# The page's settings and the same ones for `ddpm sample` (class 0 = the first class).
+cat > "$work/settings.json" <<JSON
+{ "inputs": { "sampler": "ddim", "steps": 4, "seed": 3, "n": 4, "class": 0, "guidance": 2, "every": 1 } }
+JSON
+target/debug/ddpm sample --model web/assets/fashion-mnist.safetensors --sampler ddim --steps 4 \
+  --seed 3 --n 4 --class 0 --guidance 2 --backend cpu --format npy --out "$work/native.npy"
+node tests/browser/page_test.mjs dist "$work/native.npy" "$work/settings.json"
