@@ -19,7 +19,7 @@ cargo fetch --locked                       # trunk builds offline
 trunk build --release
 
 echo "==> wasm32 noise equals the native noise"
-node tests/wasm/noise_check.mjs target/wasm32-unknown-unknown/release/ddpm_web.wasm
+node tests/wasm/noise_check.mjs target/wasm32-unknown-unknown/wasm-release/ddpm_web.wasm
 
 echo "==> the page in headless Chromium"
 tests/browser/run.sh
