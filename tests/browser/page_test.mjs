@@ -154,7 +154,7 @@ try {
   {
     const { browser, page } = await launch(false);
     const note = await page.evaluate(() => [window.ddpmPage.model?.backend(), document.getElementById("model").textContent]);
-    check(note[0] === "cpu" && /CPU \(WebGPU is not available/.test(note[1]),
+    check(note[0] === "cpu" && /CPU \(WebGPU is not available: no adapter\)/.test(note[1]),
       `without WebGPU the page runs on the CPU and says so ("${note[1]}")`);
     await sameAsNative(page, "cpu");
 

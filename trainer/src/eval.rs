@@ -106,21 +106,14 @@ fn batch_tensor(pixels: &[f32], device: &Device) -> Tensor<4> {
     Tensor::from_data(TensorData::new(pixels.to_vec(), [n, 1, SIDE, SIDE]), device)
 }
 
-fn read_f32(x: Tensor<2>) -> Vec<f32> {
-    x.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("converted to f32")
-}
-
 /// Features and predicted classes of flattened 28×28 images, in batches.
 fn classify(model: &Classifier, pixels: &[f32], device: &Device) -> (Vec<f32>, Vec<usize>) {
     let mut features = Vec::new();
     let mut predicted = Vec::new();
     for chunk in pixels.chunks(256 * SIDE * SIDE) {
         let f = model.features(batch_tensor(chunk, device));
-        let logits = read_f32(model.head.forward(f.clone()));
-        features.extend(read_f32(f));
+        let logits = images::to_vec(model.head.forward(f.clone()));
+        features.extend(images::to_vec(f));
         predicted.extend(logits.chunks_exact(10).map(|row| {
             row.iter()
                 .enumerate()
@@ -307,7 +300,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 1000)]
     pub n: usize,
     /// Sampler.
-    #[arg(long, default_value = "ddim", value_parser = parse_sampler)]
+    #[arg(long, default_value = "ddim", value_parser = crate::sample::parse_sampler)]
     pub sampler: SamplerKind,
     /// Denoising steps.
     #[arg(long, default_value_t = 50)]
@@ -333,10 +326,6 @@ pub struct EvalArgs {
     /// Compute backend.
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: BackendChoice,
-}
-
-fn parse_sampler(s: &str) -> Result<SamplerKind, String> {
-    s.parse().map_err(|e: ddpm::Error| e.to_string())
 }
 
 /// Generate `n` images (classes in turn for a class-conditional model); returns the flattened

@@ -12,7 +12,7 @@ use ddpm::unet::UNet;
 use image::{Rgba, RgbaImage};
 
 /// Read a tensor back to the host as f32 values, row-major.
-pub fn to_vec(x: Tensor<4>) -> Vec<f32> {
+pub fn to_vec<const D: usize>(x: Tensor<D>) -> Vec<f32> {
     x.into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()

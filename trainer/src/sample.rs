@@ -75,7 +75,7 @@ pub struct SampleArgs {
     pub backend: BackendChoice,
 }
 
-fn parse_sampler(s: &str) -> Result<SamplerKind, String> {
+pub(crate) fn parse_sampler(s: &str) -> Result<SamplerKind, String> {
     s.parse().map_err(|e: ddpm::Error| e.to_string())
 }
 

@@ -125,6 +125,16 @@ impl std::fmt::Debug for Diffusion {
     }
 }
 
+/// `console.warn(message)`.
+fn warn(message: &str) {
+    let console = Reflect::get(&js_sys::global(), &"console".into()).unwrap_or(JsValue::NULL);
+    if let Ok(warn) = Reflect::get(&console, &"warn".into())
+        && let Ok(warn) = warn.dyn_into::<Function>()
+    {
+        let _ = warn.call1(&console, &JsValue::from_str(message));
+    }
+}
+
 fn js_err(message: impl std::fmt::Display) -> JsValue {
     js_sys::Error::new(&message.to_string()).into()
 }
@@ -216,7 +226,13 @@ impl Diffusion {
             "webgpu" | "auto" => match webgpu().await {
                 Ok((device, max)) => (device, "webgpu", Some(max), "WebGPU".to_string()),
                 Err(why) if wanted == "auto" => {
-                    (Device::flex(), "cpu", None, format!("CPU ({why})"))
+                    warn(&why);
+                    let short = if why.contains("No adapter") || why.contains("no adapter") {
+                        "WebGPU is not available: no adapter"
+                    } else {
+                        "WebGPU is not available: it failed to start (details in the console)"
+                    };
+                    (Device::flex(), "cpu", None, format!("CPU ({short})"))
                 }
                 Err(why) => return Err(js_err(why)),
             },
