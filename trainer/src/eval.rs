@@ -24,7 +24,6 @@ use ddpm::model_file;
 use ddpm::noise::SeededNoise;
 use ddpm::pipeline::{GenerateOptions, Generation};
 use ddpm::sampler::{SamplerKind, SamplerOptions, build_sampler};
-use ddpm::schedule::NoiseSchedule;
 use nalgebra::{DMatrix, DVector, SymmetricEigen};
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
@@ -343,13 +342,7 @@ fn generate(args: &EvalArgs, model_path: &Path, device: &Device) -> Result<(Vec<
         u.sample_size,
         u.in_channels
     );
-    let schedule = NoiseSchedule::new(&info.schedule)?;
-    ensure!(
-        (1..=schedule.num_train_timesteps()).contains(&args.steps),
-        "--steps {} must be between 1 and the model's {} training timesteps",
-        args.steps,
-        schedule.num_train_timesteps()
-    );
+    let schedule = crate::sample::schedule_for(&info, args.steps)?;
     let classes = info.num_classes();
     let mut pixels = Vec::with_capacity(args.n * SIDE * SIDE);
     let mut requested = Vec::new();

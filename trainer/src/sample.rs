@@ -122,18 +122,23 @@ pub fn write_npy(path: &Path, values: &[f32], shape: &[usize]) -> Result<()> {
     checkpoint::write_atomic(path, &bytes)
 }
 
+/// The model's noise schedule, after checking that `steps` sampling steps fit in it.
+pub(crate) fn schedule_for(info: &model_file::ModelInfo, steps: usize) -> Result<NoiseSchedule> {
+    let schedule = NoiseSchedule::new(&info.schedule)?;
+    ensure!(
+        (1..=schedule.num_train_timesteps()).contains(&steps),
+        "--steps {steps} must be between 1 and the model's {} training timesteps",
+        schedule.num_train_timesteps()
+    );
+    Ok(schedule)
+}
+
 /// Run `ddpm sample`.
 pub fn run(args: SampleArgs) -> Result<()> {
     let bytes = checkpoint::read(&args.model)?;
     let info = model_file::read_info(&bytes)
         .with_context(|| format!("{} is not a usable model file", args.model.display()))?;
-    let schedule = NoiseSchedule::new(&info.schedule)?;
-    ensure!(
-        (1..=schedule.num_train_timesteps()).contains(&args.steps),
-        "--steps {} must be between 1 and the model's {} training timesteps",
-        args.steps,
-        schedule.num_train_timesteps()
-    );
+    let schedule = schedule_for(&info, args.steps)?;
     let class = match &args.class {
         None => None,
         Some(c) => Some(
