@@ -2,6 +2,7 @@
 //! files for the web page.
 
 mod backend;
+mod bench;
 mod checkpoint;
 mod data;
 mod ema;
@@ -38,6 +39,12 @@ enum Command {
     Eval(Box<eval::EvalArgs>),
     /// Train the Fashion-MNIST classifier that `ddpm eval` uses and report its test accuracy.
     Classifier(eval::ClassifierArgs),
+    /// Measure training and sampling speed and peak memory, side by side with the same UNet
+    /// in PyTorch + diffusers (benches/pytorch_reference.py) when it is installed.
+    Bench(Box<bench::BenchArgs>),
+    /// One case of `ddpm bench`, run in a fresh process (internal).
+    #[command(hide = true)]
+    BenchWorker(bench::WorkerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,5 +67,7 @@ fn main() -> anyhow::Result<()> {
         Command::Import(args) => sample::import(args),
         Command::Eval(args) => eval::run(*args),
         Command::Classifier(args) => eval::train_classifier(args),
+        Command::Bench(args) => bench::run(*args),
+        Command::BenchWorker(args) => bench::worker(args),
     }
 }

@@ -548,3 +548,94 @@ ls {run}/checkpoints > {dir}/after-resume.txt
     assert!(resumed.contains("step 2"), "{resumed}");
     assert!(log("after-resume.txt").contains("step-00000004"));
 }
+
+/// `ddpm bench` flags for a fast run of the fashion-mnist preset on the CPU.
+fn bench_args<'a>(batches: &'a str, json: &'a str) -> Vec<&'a str> {
+    vec![
+        "bench",
+        "--batch",
+        batches,
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--min-repeat-secs",
+        "0",
+        "--sample-steps",
+        "2",
+        "--backend",
+        "cpu",
+        "--threads",
+        "1",
+        "--json",
+        json,
+    ]
+}
+
+#[test]
+fn bench_without_pytorch_still_reports_ours() {
+    let dir = temp_dir("bench");
+    let json = dir.join("bench.json");
+    let mut args = bench_args("1,3", p(&json));
+    args.extend(["--python", "/nonexistent/python3"]);
+    let text = ok(&args);
+    assert!(
+        text.contains("reference: not run (could not start") && text.contains("ours only"),
+        "{text}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(
+        report["num_params"], 702_753,
+        "the bundled model's size: {report}"
+    );
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "train and sample at batch 1 and 3: {report}");
+    for row in rows {
+        let batch = row["batch"].as_u64().unwrap();
+        let expected = if row["phase"] == "train" {
+            batch
+        } else {
+            batch * 2
+        };
+        assert_eq!(row["items_per_iter"].as_u64(), Some(expected), "{row}");
+        let ours = &row["ours"]["Ok"];
+        let times = ours["per_iter_s"].as_array().unwrap();
+        assert_eq!(times.len(), 2, "{row}");
+        assert!(times.iter().all(|t| t.as_f64().unwrap() > 0.0), "{row}");
+        assert!(
+            ours["peak_rss_bytes"].as_u64().unwrap() > 10_000_000,
+            "{row}"
+        );
+        assert!(row["pytorch"].is_null(), "{row}");
+    }
+}
+
+#[test]
+fn bench_names_the_config_and_backend_when_a_case_runs_out_of_memory() {
+    let dir = temp_dir("bench-oom");
+    let json = dir.join("bench.json");
+    let mut args = bench_args("2,512", p(&json));
+    args.extend(["--preset", "cifar", "--phases", "train", "--no-reference"]);
+    // 3 GB of address space: enough for the driver and batch 2, not for batch 512's activations.
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(r#"ulimit -v 3000000 && exec "$0" "$@""#)
+        .arg(DDPM)
+        .args(&args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("1 of 2 cases could not run")
+            && stderr.contains("the cifar preset (32×32×3")
+            && stderr.contains("at batch 512 (train) on cpu (flex, 1 thread)")
+            && stderr.contains("out of memory"),
+        "{stderr}"
+    );
+    // The case that fits is still measured and reported.
+    assert!(stdout.contains("train       2  "), "{stdout}");
+}
