@@ -12,6 +12,8 @@ Phases:
   check     max |ours - PyTorch| of one forward pass over the inputs in --check-file
   train     one training step per iteration: q_sample, forward, MSE to the noise, backward, AdamW
   sample    one DDIM run of --steps steps per iteration, from Gaussian noise, under inference_mode
+  conv      one 3x3 convolution alone (the first level's channels, full resolution), forward and
+            backward with input and weight gradients
 
 Run by hand, e.g.:
   python3 benches/pytorch_reference.py --model m.safetensors --phase train --batch 64 --threads 2
@@ -28,7 +30,7 @@ import time
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", help="ddpm-rs model file (.safetensors)")
-    p.add_argument("--phase", required=True, choices=["versions", "check", "train", "sample"])
+    p.add_argument("--phase", required=True, choices=["versions", "check", "train", "sample", "conv"])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -188,6 +190,19 @@ def main():
             return loss.item()
 
         fn = step
+    elif args.phase == "conv":
+        width = unet["block_out_channels"][0]
+        conv = torch.nn.Conv2d(width, width, 3, padding=1).to(device)
+        x = torch.randn((b, width, s, s), generator=gen).to(device).requires_grad_(True)
+
+        def conv_step():
+            conv.zero_grad(set_to_none=True)
+            x.grad = None
+            conv(x).sum().backward()
+            assert x.grad is not None and conv.weight.grad is not None
+            return x.grad[0, 0, 0, 0].item()
+
+        fn = conv_step
     else:
         model.eval()
         scheduler = DDIMScheduler(**scheduler_config(info))

@@ -91,6 +91,10 @@ pub enum Phase {
     Train,
     /// DDIM sampling runs of `--sample-steps` UNet evaluations each.
     Sample,
+    /// One 3×3 convolution alone (the first level's channels, full resolution), forward and
+    /// backward with input and weight gradients: the backend's kernels against PyTorch's, in
+    /// isolation.
+    Conv,
 }
 
 impl Phase {
@@ -98,6 +102,7 @@ impl Phase {
         match self {
             Self::Train => "train",
             Self::Sample => "sample",
+            Self::Conv => "conv",
         }
     }
 }
@@ -225,7 +230,7 @@ impl Row {
 
     fn unit(&self) -> &'static str {
         match self.phase {
-            Phase::Train => "img/s",
+            Phase::Train | Phase::Conv => "img/s",
             Phase::Sample => "evals/s",
         }
     }
@@ -336,6 +341,32 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
                     ensure!(value.is_finite(), "the loss is {value}");
                     let grads = GradientsParams::from_grads(loss.backward(), &model);
                     slot = Some(optim.step(1e-4, model, grads));
+                    Ok(())
+                },
+                || sync(&device),
+                args.warmup,
+                args.repeats,
+                args.min_repeat_secs,
+            )?
+        }
+        Phase::Conv => {
+            let device = selected.device.clone().autodiff();
+            let (c, s) = (u.block_out_channels[0], u.sample_size);
+            let conv = burn::nn::conv::Conv2dConfig::new([c, c], [3, 3])
+                .with_padding(burn::nn::PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(&device);
+            let x = Tensor::<4>::from_data(
+                TensorData::new(noise.sample_vec(b * c * s * s), [b, c, s, s]),
+                &device,
+            )
+            .require_grad();
+            measure(
+                || {
+                    let grads = conv.forward(x.clone()).sum().backward();
+                    let gx = x.grad(&grads).context("no input gradient")?;
+                    let gw = conv.weight.val().grad(&grads);
+                    ensure!(gw.is_some(), "no weight gradient");
+                    let _ = gx.slice([0..1, 0..1, 0..1, 0..1]).into_data();
                     Ok(())
                 },
                 || sync(&device),
@@ -800,7 +831,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 run_case(c)
             });
             let items_per_iter = match phase {
-                Phase::Train => batch,
+                Phase::Train | Phase::Conv => batch,
                 Phase::Sample => batch * args.sample_steps,
             };
             let row = Row {
@@ -853,7 +884,7 @@ fn group_thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);

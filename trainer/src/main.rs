@@ -16,6 +16,28 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Parser, Subcommand};
 
+/// burn's CPU backend allocates a fresh buffer for every op. With the system allocator (or
+/// mimalloc's defaults) the large ones go back to the OS when freed and come back as new
+/// pages that the kernel must fault in and zero: `perf` put a quarter of sampling time there.
+/// mimalloc with purging off (see [`keep_freed_memory`]) reuses them instead.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_purge_delay` in mimalloc.h (the same value in mimalloc v2 and v3): milliseconds
+/// before freed memory is returned to the OS; -1 never returns it.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keep freed memory committed for reuse. The process's footprint stays at its peak, which
+/// is what a training or sampling run needs again at its next step anyway. Measured with
+/// `ddpm bench` (fashion-mnist preset, 2 threads): DDIM at batch 16 took 1.8 s instead of
+/// 5.3 s with the system allocator, a training step at batch 16 0.69 s instead of 1.8 s.
+#[allow(unsafe_code)]
+fn keep_freed_memory() {
+    // SAFETY: mi_option_set stores one integer in mimalloc's option table; it accepts any
+    // option and value, and mimalloc reads the option at its next purge decision.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
 /// Denoising diffusion probabilistic models: train, sample, export, import, evaluate.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
@@ -48,6 +70,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    keep_freed_memory();
     let cli = Cli::parse();
     match cli.command {
         Command::Train(args) => {
