@@ -384,15 +384,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
                 class: (classes > 0).then_some(0),
                 guidance: 1.0,
             };
-            let sampler = || {
-                build_sampler(
-                    SamplerKind::Ddim,
-                    &schedule,
-                    info.prediction,
-                    args.sample_steps,
-                    &SamplerOptions::default(),
-                )
-            };
+            let sampler = || ddim(&schedule, &info, args.sample_steps);
             sampler()?;
             measure(
                 || {
@@ -417,6 +409,21 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     };
     println!("{}", serde_json::to_string(&measured)?);
     Ok(())
+}
+
+/// The sampler both sides run: DDIM with diffusers' defaults.
+fn ddim(
+    schedule: &NoiseSchedule,
+    info: &ModelInfo,
+    steps: usize,
+) -> ddpm::error::Result<Box<dyn ddpm::sampler::Sampler + Send>> {
+    build_sampler(
+        SamplerKind::Ddim,
+        schedule,
+        info.prediction,
+        steps,
+        &SamplerOptions::default(),
+    )
 }
 
 /// Why a worker process failed, in one line: the panic or error message, or the signal.
@@ -709,13 +716,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         group_thousands(params)
     );
     if let Some(p) = args.phases.iter().find(|p| **p == Phase::Sample).copied() {
-        let schedule = NoiseSchedule::new(&info.schedule)?;
-        build_sampler(
-            SamplerKind::Ddim,
-            &schedule,
-            info.prediction,
+        ddim(
+            &NoiseSchedule::new(&info.schedule)?,
+            &info,
             args.sample_steps,
-            &SamplerOptions::default(),
         )
         .with_context(|| format!("--sample-steps for the {} phase", p.name()))?;
     }
