@@ -25,12 +25,12 @@ use ddpm::diffusion;
 use ddpm::model_file::{self, ModelInfo, StoreDType};
 use ddpm::noise::SeededNoise;
 use ddpm::pipeline::{GenerateOptions, Generation, MAX_BATCH};
-use ddpm::sampler::{SamplerKind, SamplerOptions, build_sampler};
 use ddpm::schedule::NoiseSchedule;
 use ddpm::unet::{DownBlockType as D, UNetConfig, UpBlockType as U};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{self, BackendChoice};
+use crate::images::ddim;
 use crate::train::ModelSize;
 
 /// The PyTorch side, carried in the binary so `ddpm bench` works from any directory.
@@ -409,21 +409,6 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     };
     println!("{}", serde_json::to_string(&measured)?);
     Ok(())
-}
-
-/// The sampler both sides run: DDIM with diffusers' defaults.
-fn ddim(
-    schedule: &NoiseSchedule,
-    info: &ModelInfo,
-    steps: usize,
-) -> ddpm::error::Result<Box<dyn ddpm::sampler::Sampler + Send>> {
-    build_sampler(
-        SamplerKind::Ddim,
-        schedule,
-        info.prediction,
-        steps,
-        &SamplerOptions::default(),
-    )
 }
 
 /// Why a worker process failed, in one line: the panic or error message, or the signal.

@@ -62,6 +62,21 @@ pub fn save_png(image: &RgbaImage, path: &Path) -> Result<()> {
     crate::checkpoint::write_atomic(path, &bytes)
 }
 
+/// DDIM with diffusers' defaults: the sampler of the training grids and of `ddpm bench`.
+pub fn ddim(
+    schedule: &NoiseSchedule,
+    info: &ModelInfo,
+    steps: usize,
+) -> ddpm::Result<Box<dyn ddpm::sampler::Sampler + Send>> {
+    build_sampler(
+        SamplerKind::Ddim,
+        schedule,
+        info.prediction,
+        steps,
+        &SamplerOptions::default(),
+    )
+}
+
 /// Sample `n` images with DDIM and save them as a grid (the trainer's progress pictures).
 #[allow(clippy::too_many_arguments)]
 pub fn sample_grid(
@@ -75,15 +90,7 @@ pub fn sample_grid(
     path: &Path,
 ) -> Result<()> {
     let steps = steps.clamp(1, schedule.num_train_timesteps());
-    let ddim = || {
-        build_sampler(
-            SamplerKind::Ddim,
-            schedule,
-            info.prediction,
-            steps,
-            &SamplerOptions::default(),
-        )
-    };
+    let ddim = || ddim(schedule, info, steps);
     // A class-conditional model draws its classes in turn.
     let classes = info.num_classes();
     let mut images = Vec::new();
