@@ -26,7 +26,7 @@ use ddpm::model_file::{self, ModelInfo, StoreDType};
 use ddpm::noise::SeededNoise;
 use ddpm::pipeline::{GenerateOptions, Generation, MAX_BATCH};
 use ddpm::schedule::NoiseSchedule;
-use ddpm::unet::{DownBlockType as D, UNetConfig, UpBlockType as U};
+use ddpm::unet::{DownBlockType as D, UNet, UNetConfig, UpBlockType as U};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{self, BackendChoice};
@@ -445,31 +445,40 @@ fn describe_failure(status: ExitStatus, stderr: &str) -> String {
     }
 }
 
-/// Run a worker and parse its last stdout line.
-fn run_case(mut command: Command) -> std::result::Result<Measured, String> {
+/// Run a worker (ours or the PyTorch script) and read the JSON object on the last stdout line
+/// that holds one. A worker that fails says why: the script in an `{"error": …}` object, ours
+/// on stderr.
+fn run_json(mut command: Command) -> std::result::Result<serde_json::Value, String> {
     let output = command
         .output()
-        .map_err(|e| format!("could not start {:?}: {e}", command.get_program()))?;
+        .map_err(|e| format!("could not start {:?} ({e})", command.get_program()))?;
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let last = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'));
+    let value = stdout.lines().rev().find_map(|l| {
+        serde_json::from_str::<serde_json::Value>(l)
+            .ok()
+            .filter(serde_json::Value::is_object)
+    });
+    if let Some(error) = value
+        .as_ref()
+        .and_then(|v| v.get("error"))
+        .and_then(|e| e.as_str())
+    {
+        return Err(error.to_string());
+    }
     if !output.status.success() {
-        // The PyTorch script reports its own errors as JSON.
-        if let Some(error) = last
-            .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
-        {
-            return Err(error);
-        }
         return Err(describe_failure(
             output.status,
             &String::from_utf8_lossy(&output.stderr),
         ));
     }
-    let line = last.ok_or_else(|| "printed no result".to_string())?;
-    serde_json::from_str(line).map_err(|e| format!("printed an unreadable result ({e}): {line}"))
+    value.ok_or_else(|| "printed no result".to_string())
+}
+
+/// Run one case and read its measurement.
+fn run_case(command: Command) -> std::result::Result<Measured, String> {
+    let value = run_json(command)?;
+    serde_json::from_value(value.clone())
+        .map_err(|e| format!("printed an unreadable result ({e}): {value}"))
 }
 
 /// The PyTorch side, once found.
@@ -505,7 +514,7 @@ impl Reference {
         fs::write(&script, REFERENCE_SCRIPT).map_err(|e| e.to_string())?;
         let mut c = Command::new(python);
         c.arg(&script).args(["--phase", "versions"]);
-        let v = run_versions(c)?;
+        let v = run_json(c)?;
         let torch = v.get("torch").and_then(|s| s.as_str()).unwrap_or("?");
         let diffusers = v.get("diffusers").and_then(|s| s.as_str()).unwrap_or("?");
         if device == "cuda" && v.get("cuda") != Some(&serde_json::Value::Bool(true)) {
@@ -523,30 +532,10 @@ impl Reference {
     }
 }
 
-fn run_versions(mut c: Command) -> std::result::Result<serde_json::Value, String> {
-    let output = c.output().map_err(|e| {
-        format!(
-            "could not start {:?} ({e}): install Python 3 with `pip install torch diffusers safetensors`, or pass --python",
-            c.get_program()
-        )
-    })?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let v: serde_json::Value = stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .ok_or_else(|| describe_failure(output.status, &String::from_utf8_lossy(&output.stderr)))?;
-    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
-        return Err(e.to_string());
-    }
-    Ok(v)
-}
-
 /// Write the inputs and our output of one forward pass for the PyTorch side to compare.
-fn write_check_file(bytes: &[u8], info: &ModelInfo, path: &Path) -> Result<()> {
+fn write_check_file(model: &UNet, info: &ModelInfo, path: &Path) -> Result<()> {
     use safetensors::{Dtype, tensor::TensorView};
     let device = Device::flex();
-    let (model, _) = model_file::load(bytes, &device)?;
     let u = &info.unet;
     let shape = [2, u.in_channels, u.sample_size, u.sample_size];
     let sample = SeededNoise::new(1).sample_vec(shape.iter().product());
@@ -668,13 +657,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     fs::create_dir_all(&scratch.0)
         .with_context(|| format!("creating scratch directory {}", scratch.0.display()))?;
 
-    let (model_path, info, label) = match &args.model {
+    // The model on the CPU: for the parameter count and the forward pass both sides compare.
+    let (model_path, model, info, label) = match &args.model {
         Some(path) => {
             let bytes =
                 fs::read(path).with_context(|| format!("reading model file {}", path.display()))?;
-            let info = model_file::read_info(&bytes)
+            let (model, info) = model_file::load(&bytes, &Device::flex())
                 .with_context(|| format!("{} is not a usable model file", path.display()))?;
-            (path.clone(), info, path.display().to_string())
+            (path.clone(), model, info, path.display().to_string())
         }
         None => {
             let info = args.preset.info();
@@ -687,12 +677,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 .preset
                 .to_possible_value()
                 .map_or_else(String::new, |v| v.get_name().to_string());
-            (path, info, format!("the {name} preset"))
+            (path, model, info, format!("the {name} preset"))
         }
     };
-    let bytes = fs::read(&model_path)?;
     let u = &info.unet;
-    let params = model_file::num_params(&model_file::load(&bytes, &Device::flex())?.0);
+    let params = model_file::num_params(&model);
     let config = format!(
         "{label} ({}×{}×{}, {} parameters)",
         u.sample_size,
@@ -722,22 +711,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
             threads,
         )
     };
+    let threads_text = format!("{threads} thread{}", if threads == 1 { "" } else { "s" });
     let ours_name = if on_gpu {
         selected.name.clone()
     } else {
-        format!(
-            "cpu (flex, {threads} thread{})",
-            if threads == 1 { "" } else { "s" }
-        )
+        format!("cpu (flex, {threads_text})")
     };
     println!("ddpm bench: {config}");
     println!("  ours: {ours_name}");
     match &reference {
         Ok(r) => println!(
-            "  reference: {} on {}, {threads} thread{}",
-            r.versions,
-            r.device,
-            if threads == 1 { "" } else { "s" }
+            "  reference: {} on {}, {threads_text}",
+            r.versions, r.device
         ),
         Err(why) => println!("  reference: not run ({why}); reporting ours only"),
     }
@@ -748,10 +733,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut check_diff = None;
     if let Ok(r) = &reference {
         let check = scratch.0.join("check.safetensors");
-        write_check_file(&bytes, &info, &check)?;
+        write_check_file(&model, &info, &check)?;
         let mut c = r.command(&model_path, "check");
         c.arg("--check-file").arg(&check);
-        match run_versions(c) {
+        match run_json(c) {
             Ok(v) => {
                 let d = v
                     .get("max_abs_diff")
