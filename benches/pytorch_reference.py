@@ -14,6 +14,7 @@ Phases:
   sample    one DDIM run of --steps steps per iteration, from Gaussian noise, under inference_mode
   conv      one 3x3 convolution alone (the first level's channels, full resolution), forward and
             backward with input and weight gradients
+  silu      SiLU alone on the first level's activations, forward only, under inference_mode
 
 Run by hand, e.g.:
   python3 benches/pytorch_reference.py --model m.safetensors --phase train --batch 64 --threads 2
@@ -30,7 +31,7 @@ import time
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", help="ddpm-rs model file (.safetensors)")
-    p.add_argument("--phase", required=True, choices=["versions", "check", "train", "sample", "conv"])
+    p.add_argument("--phase", required=True, choices=["versions", "check", "train", "sample", "conv", "silu"])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -203,6 +204,15 @@ def main():
             return x.grad[0, 0, 0, 0].item()
 
         fn = conv_step
+    elif args.phase == "silu":
+        width = unet["block_out_channels"][0]
+        x = torch.randn((b, width, s, s), generator=gen).to(device)
+
+        def silu_step():
+            with torch.inference_mode():
+                return F.silu(x)[0, 0, 0, 0].item()
+
+        fn = silu_step
     else:
         model.eval()
         scheduler = DDIMScheduler(**scheduler_config(info))

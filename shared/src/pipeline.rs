@@ -54,6 +54,7 @@ pub struct Generation<'a> {
     noise: SeededNoise,
     index: usize,
     device: Device,
+    batch_threads: usize,
 }
 
 impl std::fmt::Debug for Generation<'_> {
@@ -177,7 +178,16 @@ impl<'a> Generation<'a> {
             noise,
             index: 0,
             device: device.clone(),
+            batch_threads: 1,
         })
+    }
+
+    /// Evaluate the UNet on up to `threads` slices of the batch at once
+    /// ([`UNet::forward_split`]): the CPU's thread count on burn's CPU backend, 1 (the default)
+    /// on a GPU. The samples are the same either way.
+    pub fn with_batch_threads(mut self, threads: usize) -> Self {
+        self.batch_threads = threads.max(1);
+        self
     }
 
     /// Number of model evaluations in the whole run.
@@ -211,16 +221,22 @@ impl<'a> Generation<'a> {
             Some(labels) => {
                 // One forward pass over [x; x] with [class; null] labels.
                 let both = Tensor::cat(vec![x.clone(), x.clone()], 0);
-                let out = self
-                    .model
-                    .forward(both, self.timesteps(2 * n, t), Some(labels.clone()));
+                let out = self.model.forward_split(
+                    both,
+                    self.timesteps(2 * n, t),
+                    Some(labels.clone()),
+                    self.batch_threads,
+                );
                 let cond = out.clone().narrow(0, 0, n);
                 let uncond = out.narrow(0, n, n);
                 uncond.clone() + (cond - uncond).mul_scalar(self.guidance)
             }
-            None => self
-                .model
-                .forward(x.clone(), self.timesteps(n, t), self.labels.clone()),
+            None => self.model.forward_split(
+                x.clone(),
+                self.timesteps(n, t),
+                self.labels.clone(),
+                self.batch_threads,
+            ),
         };
         self.sample = self.sampler.step(model_output, t, x, &mut self.noise);
         self.index += 1;

@@ -25,6 +25,9 @@ pub struct Selected {
     pub device: Device,
     /// What was picked, for the log.
     pub name: String,
+    /// Slices of a batch the UNet runs at once when sampling
+    /// (`Generation::with_batch_threads`): the CPU backend's threads on the CPU, 1 on a GPU.
+    pub batch_threads: usize,
 }
 
 #[cfg(feature = "cuda")]
@@ -39,6 +42,7 @@ fn cuda() -> Result<Selected> {
         Ok(_) => Ok(Selected {
             device: Device::cuda(0),
             name: "cuda (GPU 0)".into(),
+            batch_threads: 1,
         }),
         Err(_) => bail!("CUDA device 0 is not usable (no NVIDIA driver or GPU?)"),
     }
@@ -60,18 +64,19 @@ fn wgpu(kind: DeviceKind, api: burn::tensor::wgpu::WgpuBackend, what: &str) -> R
         Ok(device) => Ok(Selected {
             device,
             name: format!("wgpu ({what})"),
+            batch_threads: 1,
         }),
         Err(e) => bail!("no {what} adapter: {e}"),
     }
 }
 
 fn cpu() -> Selected {
+    // flex runs its parallel kernels on rayon's global pool (sized by RAYON_NUM_THREADS).
+    let threads = rayon::current_num_threads();
     Selected {
         device: Device::flex(),
-        name: format!(
-            "cpu (flex, {} threads)",
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        ),
+        name: format!("cpu (flex, {threads} threads)"),
+        batch_threads: threads,
     }
 }
 

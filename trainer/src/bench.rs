@@ -95,6 +95,9 @@ pub enum Phase {
     /// backward with input and weight gradients: the backend's kernels against PyTorch's, in
     /// isolation.
     Conv,
+    /// SiLU alone on the first level's activations, forward only (no autodiff): the backend's
+    /// element-wise kernels against PyTorch's, in isolation.
+    Silu,
 }
 
 impl Phase {
@@ -103,6 +106,7 @@ impl Phase {
             Self::Train => "train",
             Self::Sample => "sample",
             Self::Conv => "conv",
+            Self::Silu => "silu",
         }
     }
 }
@@ -230,7 +234,7 @@ impl Row {
 
     fn unit(&self) -> &'static str {
         match self.phase {
-            Phase::Train | Phase::Conv => "img/s",
+            Phase::Train | Phase::Conv | Phase::Silu => "img/s",
             Phase::Sample => "evals/s",
         }
     }
@@ -375,6 +379,25 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
                 args.min_repeat_secs,
             )?
         }
+        Phase::Silu => {
+            let device = selected.device.clone();
+            let (c, s) = (u.block_out_channels[0], u.sample_size);
+            let x = Tensor::<4>::from_data(
+                TensorData::new(noise.sample_vec(b * c * s * s), [b, c, s, s]),
+                &device,
+            );
+            measure(
+                || {
+                    let y = burn::tensor::activation::silu(x.clone());
+                    let _ = y.slice([0..1, 0..1, 0..1, 0..1]).into_data();
+                    Ok(())
+                },
+                || sync(&device),
+                args.warmup,
+                args.repeats,
+                args.min_repeat_secs,
+            )?
+        }
         Phase::Sample => {
             let device = selected.device.clone();
             let (model, _) = model_file::load(&bytes, &device)?;
@@ -388,7 +411,9 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             sampler()?;
             measure(
                 || {
-                    let out = Generation::new(&model, &info, sampler()?, &options, &device)?.run();
+                    let out = Generation::new(&model, &info, sampler()?, &options, &device)?
+                        .with_batch_threads(selected.batch_threads)
+                        .run();
                     // Reading the samples back waits for the device, as a user's program would.
                     let _ = out.into_data();
                     Ok(())
@@ -805,7 +830,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 run_case(c)
             });
             let items_per_iter = match phase {
-                Phase::Train | Phase::Conv => batch,
+                Phase::Train | Phase::Conv | Phase::Silu => batch,
                 Phase::Sample => batch * args.sample_steps,
             };
             let row = Row {

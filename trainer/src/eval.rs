@@ -28,7 +28,7 @@ use nalgebra::{DMatrix, DVector, SymmetricEigen};
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
 
-use crate::backend::{self, BackendChoice};
+use crate::backend::{self, BackendChoice, Selected};
 use crate::checkpoint;
 use crate::data::{self, DataSource, ImageSet, Split};
 use crate::images;
@@ -329,7 +329,12 @@ pub struct EvalArgs {
 
 /// Generate `n` images (classes in turn for a class-conditional model); returns the flattened
 /// pixels and the requested classes.
-fn generate(args: &EvalArgs, model_path: &Path, device: &Device) -> Result<(Vec<f32>, Vec<u32>)> {
+fn generate(
+    args: &EvalArgs,
+    model_path: &Path,
+    backend: &Selected,
+) -> Result<(Vec<f32>, Vec<u32>)> {
+    let device = &backend.device;
     let bytes = checkpoint::read(model_path)?;
     let (model, info) = model_file::load(&bytes, device)
         .with_context(|| format!("{} is not a usable model file", model_path.display()))?;
@@ -369,7 +374,8 @@ fn generate(args: &EvalArgs, model_path: &Path, device: &Device) -> Result<(Vec<
             args.steps,
             &SamplerOptions::default(),
         )?;
-        let generation = Generation::new(&model, &info, sampler, &options, device)?;
+        let generation = Generation::new(&model, &info, sampler, &options, device)?
+            .with_batch_threads(backend.batch_threads);
         pixels.extend(images::to_vec(generation.run()));
         if let Some(c) = class {
             requested.extend(std::iter::repeat_n(c as u32, b));
@@ -415,7 +421,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         selected.name
     );
 
-    let (samples, requested) = generate(&args, &args.model, &device)?;
+    let (samples, requested) = generate(&args, &args.model, &selected)?;
     let n = args.n;
     let (sample_features, sample_predicted) = classify(&classifier, &samples, &device);
     let distance =

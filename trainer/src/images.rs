@@ -3,13 +3,15 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 use ddpm::model_file::ModelInfo;
 use ddpm::pipeline::{GenerateOptions, Generation, to_rgba};
 use ddpm::sampler::{SamplerKind, SamplerOptions, build_sampler};
 use ddpm::schedule::NoiseSchedule;
 use ddpm::unet::UNet;
 use image::{Rgba, RgbaImage};
+
+use crate::backend::Selected;
 
 /// Read a tensor back to the host as f32 values, row-major.
 pub fn to_vec<const D: usize>(x: Tensor<D>) -> Vec<f32> {
@@ -86,9 +88,10 @@ pub fn sample_grid(
     steps: usize,
     n: usize,
     seed: u64,
-    device: &Device,
+    backend: &Selected,
     path: &Path,
 ) -> Result<()> {
+    let device = &backend.device;
     let steps = steps.clamp(1, schedule.num_train_timesteps());
     let ddim = || ddim(schedule, info, steps);
     // A class-conditional model draws its classes in turn.
@@ -100,7 +103,8 @@ pub fn sample_grid(
             seed,
             ..GenerateOptions::default()
         };
-        let generation = Generation::new(model, info, ddim()?, &options, device)?;
+        let generation = Generation::new(model, info, ddim()?, &options, device)?
+            .with_batch_threads(backend.batch_threads);
         images = tensor_to_rgba(generation.run());
     } else {
         let per_class = n.div_ceil(classes).max(1);
@@ -111,7 +115,8 @@ pub fn sample_grid(
                 class: Some(class),
                 ..GenerateOptions::default()
             };
-            let generation = Generation::new(model, info, ddim()?, &options, device)?;
+            let generation = Generation::new(model, info, ddim()?, &options, device)?
+                .with_batch_threads(backend.batch_threads);
             images.extend(tensor_to_rgba(generation.run()));
         }
     }

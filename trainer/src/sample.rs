@@ -183,7 +183,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
             Generation::from_noise(&model, &info, sampler, &generate, x_t, &device)
         }
         None => Generation::new(&model, &info, sampler, &generate, &device),
-    }?;
+    }?
+    .with_batch_threads(selected.batch_threads);
     let total = generation.total_steps();
     let frames = args.frames.unwrap_or(0);
     ensure!(

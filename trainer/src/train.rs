@@ -829,7 +829,7 @@ pub fn run(args: TrainArgs, stop: Arc<AtomicBool>) -> Result<()> {
                 config.sample_steps,
                 16,
                 config.seed,
-                &base,
+                &selected,
                 &path,
             )?;
         }

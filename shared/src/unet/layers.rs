@@ -8,7 +8,7 @@ use burn::nn::{
     Dropout, DropoutConfig, GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d,
 };
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::module::interpolate;
+use burn::tensor::module::{interpolate, layer_norm};
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor, TensorData};
 
@@ -26,6 +26,26 @@ pub(crate) fn group_norm(groups: usize, channels: usize, eps: f64, device: &Devi
     GroupNormConfig::new(groups, channels)
         .with_epsilon(eps)
         .init(device)
+}
+
+/// `norm.forward(x)` computed with burn's fused `layer_norm` over `[batch, groups, rest]`, then
+/// the per-channel scale and shift. Same function as `GroupNorm::forward`, which takes six
+/// element-wise passes (mean, centre, square, mean, divide, affine); on the CPU backend each of
+/// those runs on one thread, while flex's `layer_norm` is one parallel pass. Under autodiff,
+/// burn differentiates `layer_norm` through its own decomposition.
+pub(crate) fn group_norm_forward(norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
+    let [batch, channels, height, width] = x.dims();
+    let groups = norm.num_groups;
+    let rest = channels / groups * height * width;
+    let ones = Tensor::<1>::ones([rest], &x.device());
+    let y = layer_norm(x.reshape([batch, groups, rest]), ones, None, norm.epsilon)
+        .reshape([batch, channels, height, width]);
+    match (&norm.gamma, &norm.beta) {
+        (Some(gamma), Some(beta)) => {
+            y * gamma.val().reshape([1, channels, 1, 1]) + beta.val().reshape([1, channels, 1, 1])
+        }
+        _ => y,
+    }
 }
 
 /// Frequencies of the sinusoidal timestep embedding, computed in f32 in the same order of
@@ -160,7 +180,7 @@ impl ResnetBlock2D {
     /// - output: `[batch, c_out, h, w]`
     pub fn forward(&self, x: Tensor<4>, temb: Tensor<2>) -> Tensor<4> {
         let input = x.clone();
-        let h = self.norm1.forward(x);
+        let h = group_norm_forward(&self.norm1, x);
         let h = silu(h);
         let h = self.conv1.forward(h); // [batch, c_out, h, w]
         let [batch, channels, _, _] = h.dims();
@@ -169,11 +189,11 @@ impl ResnetBlock2D {
             let temb = temb.reshape([batch, 2 * channels, 1, 1]);
             let scale = temb.clone().narrow(1, 0, channels);
             let shift = temb.narrow(1, channels, channels);
-            let h = self.norm2.forward(h);
+            let h = group_norm_forward(&self.norm2, h);
             h.clone() * scale + h + shift
         } else {
             let h = h + temb.reshape([batch, channels, 1, 1]);
-            self.norm2.forward(h)
+            group_norm_forward(&self.norm2, h)
         };
         let h = silu(h);
         let h = self.dropout.forward(h);
@@ -245,7 +265,7 @@ impl Attention {
         let len = height * width;
         let residual = x.clone();
         let x = match &self.group_norm {
-            Some(norm) => norm.forward(x),
+            Some(norm) => group_norm_forward(norm, x),
             None => x,
         };
         let x = x.reshape([batch, channels, len]).swap_dims(1, 2); // [batch, len, channels]
@@ -323,5 +343,48 @@ impl Upsample2D {
             InterpolateOptions::new(InterpolateMode::Nearest).with_output_size([2 * h, 2 * w]),
         );
         self.conv.forward(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::module::Param;
+
+    #[test]
+    fn fused_group_norm_equals_burn_group_norm() {
+        let device = Device::flex();
+        let mut noise = crate::noise::SeededNoise::new(3);
+        let mut norm = group_norm(4, 8, 1e-5, &device);
+        let vector = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v, [8]), &device);
+        norm.gamma = Some(Param::from_tensor(vector(noise.sample_vec(8))));
+        norm.beta = Some(Param::from_tensor(vector(noise.sample_vec(8))));
+        // Off-centre, scaled input so that the mean and variance matter.
+        let x = Tensor::<4>::from_data(
+            TensorData::new(noise.sample_vec(2 * 8 * 3 * 5), [2, 8, 3, 5]),
+            &device,
+        )
+        .mul_scalar(3.0)
+        .add_scalar(1.5);
+        let expected: Vec<f32> = norm
+            .forward(x.clone())
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let fused: Vec<f32> = group_norm_forward(&norm, x)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let diff = expected
+            .iter()
+            .zip(&fused)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff <= 1e-5, "max |diff| {diff}");
+        let spread = expected.iter().map(|v| v.abs()).fold(0.0, f32::max);
+        assert!(
+            spread > 1.0,
+            "the check needs a non-trivial output ({spread})"
+        );
     }
 }
