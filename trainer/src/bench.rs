@@ -18,7 +18,7 @@ use std::process::{Command, ExitStatus};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::optim::AdamWConfig;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use clap::{Args, ValueEnum};
 use ddpm::diffusion;
@@ -339,11 +339,21 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
                         .take()
                         .context("the model was lost by an earlier step")?;
                     let x_t = diffusion::q_sample(&schedule, x0.clone(), eps.clone(), &timesteps);
-                    let output = model.forward(x_t, t.clone(), labels.clone());
-                    let loss = diffusion::l_simple(output, eps.clone());
-                    let value: f32 = loss.clone().into_scalar();
+                    let (grads, value) = crate::train::batch_gradients(
+                        &model,
+                        &device,
+                        b,
+                        selected.batch_threads,
+                        |part, start, len| {
+                            let output = part.forward(
+                                x_t.clone().narrow(0, start, len),
+                                t.clone().narrow(0, start, len),
+                                labels.clone().map(|l| l.narrow(0, start, len)),
+                            );
+                            diffusion::l_simple(output, eps.clone().narrow(0, start, len))
+                        },
+                    );
                     ensure!(value.is_finite(), "the loss is {value}");
-                    let grads = GradientsParams::from_grads(loss.backward(), &model);
                     slot = Some(optim.step(1e-4, model, grads));
                     Ok(())
                 },

@@ -18,7 +18,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use burn::grad_clipping::GradientClippingConfig;
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Args, ValueEnum};
 use ddpm::diffusion::{self, LossWeighting, PredictionType};
@@ -770,13 +770,28 @@ pub fn run(args: TrainArgs, stop: Arc<AtomicBool>) -> Result<()> {
         let labels = config.conditional.then(|| {
             Tensor::<1, Int>::from_data(TensorData::new(batch.labels.clone(), [b]), &device)
         });
-        let output = model.forward(x_t, t, labels);
         let target =
             diffusion::training_target(info.prediction, &schedule, x0, noise, &batch.timesteps);
-        let loss = config
-            .loss
-            .loss(info.prediction, &schedule, output, target, &batch.timesteps);
-        let loss_value: f64 = loss.clone().into_scalar::<f32>() as f64;
+        let (grads, loss_value) = batch_gradients(
+            &model,
+            &device,
+            b,
+            selected.batch_threads,
+            |part, start, len| {
+                let output = part.forward(
+                    x_t.clone().narrow(0, start, len),
+                    t.clone().narrow(0, start, len),
+                    labels.clone().map(|l| l.narrow(0, start, len)),
+                );
+                config.loss.loss(
+                    info.prediction,
+                    &schedule,
+                    output,
+                    target.clone().narrow(0, start, len),
+                    &batch.timesteps[start..start + len],
+                )
+            },
+        );
         if !loss_value.is_finite() {
             bar.abandon();
             let last = checkpoint::list(&run_dir)
@@ -789,7 +804,6 @@ pub fn run(args: TrainArgs, stop: Arc<AtomicBool>) -> Result<()> {
             );
         }
         let lr = config.lr_at(step);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(lr, model, grads);
         step += 1;
         ema = ema::update(ema, &model.valid(), ema::decay(step, config.ema_decay));
@@ -857,6 +871,59 @@ pub fn run(args: TrainArgs, stop: Arc<AtomicBool>) -> Result<()> {
 }
 
 #[allow(clippy::too_many_arguments)]
+/// One training step's gradients and its loss, the batch mean of `loss_of`.
+///
+/// `loss_of(model, start, len)` is the mean loss of the batch slice `start..start + len`. With
+/// `parts` > 1 the batch is cut into that many slices, each run forward and backward on its own
+/// thread through its own autodiff graph (a [`Module::fork`] of the model), and the slice
+/// gradients, weighted by slice size, add up to the whole batch's. burn's CPU backend runs its
+/// element-wise kernels on the calling thread only; with one slice per core both cores stay busy
+/// between the convolutions. `parts` is 1 on a GPU ([`backend::Selected::batch_threads`]).
+pub(crate) fn batch_gradients<F>(
+    model: &UNet,
+    device: &burn::tensor::Device,
+    batch: usize,
+    parts: usize,
+    loss_of: F,
+) -> (GradientsParams, f64)
+where
+    F: Fn(&UNet, usize, usize) -> Tensor<1> + Sync,
+{
+    let parts = parts.clamp(1, batch.max(1));
+    if parts == 1 {
+        let loss = loss_of(model, 0, batch);
+        let value = loss.clone().into_scalar::<f32>() as f64;
+        return (GradientsParams::from_grads(loss.backward(), model), value);
+    }
+    let chunk = batch.div_ceil(parts);
+    let slices = std::thread::scope(|scope| {
+        let loss_of = &loss_of;
+        let handles: Vec<_> = (0..batch)
+            .step_by(chunk)
+            .map(|start| {
+                let len = chunk.min(batch - start);
+                let part = model.clone().fork(device);
+                scope.spawn(move || {
+                    let loss = loss_of(&part, start, len).mul_scalar(len as f64 / batch as f64);
+                    let value = loss.clone().into_scalar::<f32>() as f64;
+                    (GradientsParams::from_grads(loss.backward(), &part), value)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect::<Vec<_>>()
+    });
+    let mut sum = GradientsAccumulator::new();
+    let mut value = 0.0;
+    for (grads, v) in slices {
+        sum.accumulate(model, grads);
+        value += v;
+    }
+    (sum.grads(), value)
+}
+
 fn save_all(
     run: &Path,
     model: &UNet,
@@ -898,4 +965,94 @@ fn save_all(
     checkpoint::write_atomic(&run.join("model.safetensors"), &bytes)?;
     images::loss_curve(&log.rows, &run.join("loss.png"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::module::{ModuleVisitor, Param};
+    use burn::tensor::Device;
+
+    use super::*;
+
+    /// Every parameter's gradient, flattened in visiting order.
+    struct Flatten<'a>(&'a GradientsParams, Vec<f32>);
+
+    impl ModuleVisitor for Flatten<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(grad) = self.0.get::<D>(param.id) {
+                self.1.extend(grad.into_data().try_to_vec::<f32>().unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn sliced_batch_gradients_equal_the_whole_batch_gradients() {
+        let config = UNetConfig {
+            num_class_embeds: Some(3),
+            ..UNetConfig::small_28()
+        };
+        let device = Device::flex().autodiff();
+        let model = config.init(&device).unwrap();
+        let schedule = NoiseSchedule::new(&ScheduleConfig::default()).unwrap();
+        let batch = 5;
+        let mut noise = SeededNoise::new(11);
+        let shape = [batch, 1, 28, 28];
+        let n = batch * 28 * 28;
+        let x0 = Tensor::<4>::from_data(TensorData::new(noise.sample_vec(n), shape), &device)
+            .clamp(-1.0, 1.0);
+        let eps = Tensor::<4>::from_data(TensorData::new(noise.sample_vec(n), shape), &device);
+        let timesteps = [3usize, 250, 999, 40, 600];
+        let x_t = diffusion::q_sample(&schedule, x0, eps.clone(), &timesteps);
+        let t = Tensor::<1>::from_data(
+            TensorData::new(timesteps.map(|t| t as f32).to_vec(), [batch]),
+            &device,
+        );
+        let labels =
+            Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 1, 2, 0, 1], [batch]), &device);
+        // Min-SNR weighting: per-image weights must land on the right slice too.
+        let weighting = LossWeighting::MinSnr { gamma: 5.0 };
+        let run = |parts: usize| {
+            let (grads, loss) = batch_gradients(&model, &device, batch, parts, |m, start, len| {
+                let out = m.forward(
+                    x_t.clone().narrow(0, start, len),
+                    t.clone().narrow(0, start, len),
+                    Some(labels.clone().narrow(0, start, len)),
+                );
+                weighting.loss(
+                    PredictionType::Epsilon,
+                    &schedule,
+                    out,
+                    eps.clone().narrow(0, start, len),
+                    &timesteps[start..start + len],
+                )
+            });
+            let mut flat = Flatten(&grads, Vec::new());
+            model.visit(&mut flat);
+            (flat.1, loss)
+        };
+        // Every parameter has a gradient.
+        let (whole, loss) = run(1);
+        assert_eq!(whole.len(), model_file::num_params(&model));
+        let scale = whole.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+        assert!(scale > 0.0);
+        // Uneven slices (3 + 2, 2 + 2 + 1) and more threads than images.
+        for parts in [2, 3, 8] {
+            let (sliced, sliced_loss) = run(parts);
+            assert_eq!(
+                sliced.len(),
+                whole.len(),
+                "{parts} slices: gradients missing"
+            );
+            assert!((sliced_loss - loss).abs() <= 1e-6 * loss.abs().max(1.0));
+            let diff = whole
+                .iter()
+                .zip(&sliced)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(
+                diff <= 1e-5 * scale,
+                "{parts} slices: max |diff| {diff} (largest gradient {scale})"
+            );
+        }
+    }
 }
