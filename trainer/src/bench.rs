@@ -92,11 +92,11 @@ pub enum Phase {
     /// DDIM sampling runs of `--sample-steps` UNet evaluations each.
     Sample,
     /// One 3×3 convolution alone (the first level's channels, full resolution), forward and
-    /// backward with input and weight gradients: the backend's kernels against PyTorch's, in
-    /// isolation.
+    /// backward with input and weight gradients, through the UNet's convolution path: the
+    /// kernels against PyTorch's, in isolation.
     Conv,
-    /// SiLU alone on the first level's activations, forward only (no autodiff): the backend's
-    /// element-wise kernels against PyTorch's, in isolation.
+    /// SiLU alone on the first level's activations, forward only (no autodiff), through the
+    /// UNet's activation: the element-wise kernels against PyTorch's, in isolation.
     Silu,
 }
 
@@ -376,7 +376,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             .require_grad();
             measure(
                 || {
-                    let grads = conv.forward(x.clone()).sum().backward();
+                    let grads = ddpm::unet::conv_forward(&conv, x.clone()).sum().backward();
                     let gx = x.grad(&grads).context("no input gradient")?;
                     let gw = conv.weight.val().grad(&grads);
                     ensure!(gw.is_some(), "no weight gradient");
@@ -398,7 +398,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             );
             measure(
                 || {
-                    let y = burn::tensor::activation::silu(x.clone());
+                    let y = ddpm::unet::silu(x.clone());
                     let _ = y.slice([0..1, 0..1, 0..1, 0..1]).into_data();
                     Ok(())
                 },

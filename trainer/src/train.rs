@@ -870,7 +870,6 @@ pub fn run(args: TrainArgs, stop: Arc<AtomicBool>) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 /// One training step's gradients and its loss, the batch mean of `loss_of`.
 ///
 /// `loss_of(model, start, len)` is the mean loss of the batch slice `start..start + len`. With
@@ -924,6 +923,7 @@ where
     (sum.grads(), value)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn save_all(
     run: &Path,
     model: &UNet,

@@ -7,12 +7,72 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{
     Dropout, DropoutConfig, GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d,
 };
-use burn::tensor::activation::{silu, softmax};
 use burn::tensor::module::{interpolate, layer_norm};
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::config::TimeScaleShift;
+
+/// Whether `x` is a float32 tensor on burn's CPU backend (with or without autodiff).
+#[cfg(feature = "flex-kernels")]
+fn on_flex_f32<const D: usize>(x: &Tensor<D>) -> bool {
+    x.dtype() == burn::tensor::DType::F32
+        && matches!(
+            x.device().inner().as_dispatch(),
+            burn::backend::DispatchDevice::Flex(_)
+        )
+}
+
+/// SiLU, `x · sigmoid(x)`, the UNet's activation: burn's, except for float32 tensors on burn's
+/// CPU backend, which take the fused kernel of [`super::flex_kernels`] when it is compiled in
+/// (feature `flex-kernels`).
+pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    #[cfg(feature = "flex-kernels")]
+    if on_flex_f32(&x) {
+        use super::flex_kernels::FlexKernels;
+        return Tensor::from_dispatch(<burn::backend::Dispatch as FlexKernels>::flex_silu(
+            x.into_dispatch(),
+        ));
+    }
+    burn::tensor::activation::silu(x)
+}
+
+/// Softmax over the last axis (the attention weights): burn's, except for float32 tensors on
+/// burn's CPU backend, which take [`super::flex_kernels`]' fused backward pass when it is
+/// compiled in (feature `flex-kernels`).
+pub fn softmax_last<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    #[cfg(feature = "flex-kernels")]
+    if on_flex_f32(&x) {
+        use super::flex_kernels::FlexKernels;
+        return Tensor::from_dispatch(<burn::backend::Dispatch as FlexKernels>::flex_softmax_last(
+            x.into_dispatch(),
+        ));
+    }
+    burn::tensor::activation::softmax(x, D - 1)
+}
+
+/// `conv.forward(x)`, except that 3×3 convolutions with stride 1 and padding 1 on float32 tensors
+/// on burn's CPU backend take [`super::flex_kernels`]' im2col + GEMM kernels when they are compiled
+/// in (feature `flex-kernels`).
+pub fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "flex-kernels")]
+    if on_flex_f32(&x)
+        && conv.kernel_size == [3, 3]
+        && conv.stride == [1, 1]
+        && conv.dilation == [1, 1]
+        && conv.groups == 1
+        && conv.padding == PaddingConfig2d::Explicit(1, 1, 1, 1)
+        && let Some(bias) = &conv.bias
+    {
+        use super::flex_kernels::FlexKernels;
+        return Tensor::from_dispatch(<burn::backend::Dispatch as FlexKernels>::flex_conv3x3(
+            x.into_dispatch(),
+            conv.weight.val().into_dispatch(),
+            bias.val().into_dispatch(),
+        ));
+    }
+    conv.forward(x)
+}
 
 /// A 3×3 convolution with padding 1 (or `padding` on every side).
 pub(crate) fn conv3x3(c_in: usize, c_out: usize, device: &Device) -> Conv2d {
@@ -182,7 +242,7 @@ impl ResnetBlock2D {
         let input = x.clone();
         let h = group_norm_forward(&self.norm1, x);
         let h = silu(h);
-        let h = self.conv1.forward(h); // [batch, c_out, h, w]
+        let h = conv_forward(&self.conv1, h); // [batch, c_out, h, w]
         let [batch, channels, _, _] = h.dims();
         let temb = self.time_emb_proj.forward(silu(temb)); // [batch, c_out or 2 c_out]
         let h = if self.scale_shift {
@@ -197,9 +257,9 @@ impl ResnetBlock2D {
         };
         let h = silu(h);
         let h = self.dropout.forward(h);
-        let h = self.conv2.forward(h);
+        let h = conv_forward(&self.conv2, h);
         let input = match &self.conv_shortcut {
-            Some(conv) => conv.forward(input),
+            Some(conv) => conv_forward(conv, input),
             None => input,
         };
         let out = input + h;
@@ -275,7 +335,7 @@ impl Attention {
         let v = split(self.to_v.forward(x)); // [batch, heads, len, head_dim]
         let scale = 1.0 / (head_dim as f64).sqrt();
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale); // [batch, heads, len, len]
-        let weights = softmax(scores, 3);
+        let weights = softmax_last(scores);
         let out = weights.matmul(v); // [batch, heads, len, head_dim]
         let out = out.swap_dims(1, 2).reshape([batch, len, heads * head_dim]);
         let out = self.to_out[0].forward(out); // [batch, len, channels]
@@ -316,7 +376,7 @@ impl Downsample2D {
     /// # Shapes
     /// - x: `[batch, c, h, w]`, output: `[batch, c, h / 2, w / 2]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.conv.forward(x)
+        conv_forward(&self.conv, x)
     }
 }
 
@@ -342,7 +402,7 @@ impl Upsample2D {
             x,
             InterpolateOptions::new(InterpolateMode::Nearest).with_output_size([2 * h, 2 * w]),
         );
-        self.conv.forward(x)
+        conv_forward(&self.conv, x)
     }
 }
 

@@ -6,19 +6,20 @@
 
 mod blocks;
 mod config;
+#[cfg(feature = "flex-kernels")]
+pub mod flex_kernels;
 mod layers;
 
 pub use blocks::{DownBlock, MidBlock, UpBlock};
 pub use config::{DownBlockType, TimeScaleShift, UNetConfig, UpBlockType};
 pub use layers::{
-    Attention, Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, timestep_embedding,
-    timestep_frequencies,
+    Attention, Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, conv_forward, silu,
+    softmax_last, timestep_embedding, timestep_frequencies,
 };
 
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{Embedding, EmbeddingConfig, GroupNorm};
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Int, Tensor};
 
 use crate::error::Result;
@@ -177,7 +178,7 @@ impl UNet {
             emb = emb + class_emb.reshape([batch, d]);
         }
         // 2. stem
-        let x = self.conv_in.forward(x); // [batch, c0, h, w]
+        let x = conv_forward(&self.conv_in, x); // [batch, c0, h, w]
         // 3. down
         let mut skips = vec![x.clone()];
         let mut x = x;
@@ -193,7 +194,7 @@ impl UNet {
         // 6. head
         let x = group_norm_forward(&self.conv_norm_out, x);
         let x = silu(x);
-        self.conv_out.forward(x) // [batch, out_channels, h, w]
+        conv_forward(&self.conv_out, x) // [batch, out_channels, h, w]
     }
 
     /// [`UNet::forward`] over up to `parts` slices of the batch at once, one thread each, with
