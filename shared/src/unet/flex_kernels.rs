@@ -173,22 +173,28 @@ fn f32_tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
 /// `weight · columns`. One image's columns (9× its pixels) stay in cache for the GEMM that follows.
 fn im2col3x3(src: &[f32], [c, h, w]: [usize; 3]) -> FlexTensor {
     let plane = h * w;
-    let mut cols = vec![0.0f32; c * 9 * plane];
-    for (src, dst) in src.chunks(plane).zip(cols.chunks_mut(9 * plane)) {
+    // Written front to back in one pass, without zero-filling first.
+    let mut cols = Vec::with_capacity(c * 9 * plane);
+    for src in src.chunks(plane).take(c) {
         for ky in 0..3 {
             for kx in 0..3 {
-                let dst = &mut dst[(ky * 3 + kx) * plane..][..plane];
                 for oy in 0..h {
                     let iy = oy + ky;
                     if iy < 1 || iy > h {
-                        continue; // the padding row stays 0
+                        cols.resize(cols.len() + w, 0.0); // a padding row
+                        continue;
                     }
                     let src_row = &src[(iy - 1) * w..iy * w];
-                    let dst_row = &mut dst[oy * w..(oy + 1) * w];
                     match kx {
-                        0 => dst_row[1..].copy_from_slice(&src_row[..w - 1]),
-                        1 => dst_row.copy_from_slice(src_row),
-                        _ => dst_row[..w - 1].copy_from_slice(&src_row[1..]),
+                        0 => {
+                            cols.push(0.0);
+                            cols.extend_from_slice(&src_row[..w - 1]);
+                        }
+                        1 => cols.extend_from_slice(src_row),
+                        _ => {
+                            cols.extend_from_slice(&src_row[1..]);
+                            cols.push(0.0);
+                        }
                     }
                 }
             }
@@ -240,13 +246,13 @@ fn conv3x3_forward(x: &FlexTensor, weight: &FlexTensor, bias: FlexTensor) -> Fle
     let src = x.as_slice::<f32>().expect("float32 conv input");
     let image = c_in * h * w;
     let w2 = Flex::float_reshape(weight.clone(), Shape::new([c_out, c_in * 9]));
+    let bias = Flex::float_reshape(bias, Shape::new([c_out, 1]));
     let outs = per_image(b, |i| {
         let cols = im2col3x3(&src[i * image..(i + 1) * image], [c_in, h, w]);
-        Flex::float_matmul(w2.clone(), cols) // [c_out, h · w]
+        // The bias goes on while the image's output is still in cache.
+        Flex::float_add(Flex::float_matmul(w2.clone(), cols), bias.clone()) // [c_out, h · w]
     });
     let out = Flex::float_cat(outs, 0); // [b · c_out, h · w]
-    let out = Flex::float_reshape(out, Shape::new([b, c_out, h * w]));
-    let out = Flex::float_add(out, Flex::float_reshape(bias, Shape::new([1, c_out, 1])));
     Flex::float_reshape(out, Shape::new([b, c_out, h, w]))
 }
 
