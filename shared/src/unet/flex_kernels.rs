@@ -203,54 +203,36 @@ fn im2col3x3(src: &[f32], [c, h, w]: [usize; 3]) -> FlexTensor {
     f32_tensor(cols, vec![c * 9, plane])
 }
 
-/// The adjoint of [`im2col3x3`]: sums each column entry of one image back into the input pixel
-/// it came from, into `dst` (`[c, h, w]`, zeroed).
-fn col2im3x3(cols: &FlexTensor, dst: &mut [f32], [h, w]: [usize; 2]) {
-    let cols = contiguous(cols);
-    let src = cols.as_slice::<f32>().expect("float32 columns");
-    let plane = h * w;
-    for (src, dst) in src.chunks(9 * plane).zip(dst.chunks_mut(plane)) {
-        for ky in 0..3 {
-            for kx in 0..3 {
-                let src = &src[(ky * 3 + kx) * plane..][..plane];
-                for oy in 0..h {
-                    let iy = oy + ky;
-                    if iy < 1 || iy > h {
-                        continue;
-                    }
-                    let src_row = &src[oy * w..(oy + 1) * w];
-                    let dst_row = &mut dst[(iy - 1) * w..iy * w];
-                    let (d, s) = match kx {
-                        0 => (&mut dst_row[..w - 1], &src_row[1..]),
-                        1 => (&mut dst_row[..], src_row),
-                        _ => (&mut dst_row[1..], &src_row[..w - 1]),
-                    };
-                    for (d, s) in d.iter_mut().zip(s) {
-                        *d += s;
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// `f(i)` for every image of the batch, on rayon's threads.
 fn per_image<T: Send>(b: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
     (0..b).into_par_iter().map(f).collect()
 }
 
 fn conv3x3_forward(x: &FlexTensor, weight: &FlexTensor, bias: FlexTensor) -> FlexTensor {
+    let c_out = weight.layout().shape()[0];
+    conv3x3(
+        x,
+        weight,
+        Some(Flex::float_reshape(bias, Shape::new([c_out, 1]))),
+    )
+}
+
+/// The convolution itself: per image, `weight · im2col(x)` (+ bias `[c_out, 1]`).
+fn conv3x3(x: &FlexTensor, weight: &FlexTensor, bias: Option<FlexTensor>) -> FlexTensor {
     let [b, c_in, h, w] = dims4(x);
     let c_out = weight.layout().shape()[0];
     let x = contiguous(x);
     let src = x.as_slice::<f32>().expect("float32 conv input");
     let image = c_in * h * w;
     let w2 = Flex::float_reshape(weight.clone(), Shape::new([c_out, c_in * 9]));
-    let bias = Flex::float_reshape(bias, Shape::new([c_out, 1]));
     let outs = per_image(b, |i| {
         let cols = im2col3x3(&src[i * image..(i + 1) * image], [c_in, h, w]);
+        let out = Flex::float_matmul(w2.clone(), cols); // [c_out, h · w]
         // The bias goes on while the image's output is still in cache.
-        Flex::float_add(Flex::float_matmul(w2.clone(), cols), bias.clone()) // [c_out, h · w]
+        match &bias {
+            Some(bias) => Flex::float_add(out, bias.clone()),
+            None => out,
+        }
     });
     let out = Flex::float_cat(outs, 0); // [b · c_out, h · w]
     Flex::float_reshape(out, Shape::new([b, c_out, h, w]))
@@ -276,25 +258,11 @@ fn conv3x3_weight_grad(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
     Flex::float_reshape(summed, Shape::new([c_out, c_in, 3, 3]))
 }
 
-/// `col2im(weightᵀ · grad)`, image by image.
+/// The input gradient of a 3×3, padding-1 convolution is the same convolution of the output
+/// gradient, with the weight's in and out channels swapped and its kernel turned by 180°.
 fn conv3x3_input_grad(weight: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
-    let [b, c_out, h, w] = dims4(grad);
-    let c_in = weight.layout().shape()[1];
-    let w2t = Flex::float_swap_dims(
-        Flex::float_reshape(weight.clone(), Shape::new([c_out, c_in * 9])),
-        0,
-        1,
-    );
-    let g = Flex::float_reshape(grad.clone(), Shape::new([b, c_out, h * w]));
-    let mut out = vec![0.0f32; b * c_in * h * w];
-    out.par_chunks_mut(c_in * h * w)
-        .enumerate()
-        .for_each(|(i, dst)| {
-            let g_i = Flex::float_reshape(g.narrow(0, i, 1), Shape::new([c_out, h * w]));
-            let cols = Flex::float_matmul(w2t.clone(), g_i); // [c_in · 9, h · w]
-            col2im3x3(&cols, dst, [h, w]);
-        });
-    f32_tensor(out, vec![b, c_in, h, w])
+    let turned = Flex::float_flip(Flex::float_swap_dims(weight.clone(), 0, 1), &[2, 3]);
+    conv3x3(grad, &turned.to_contiguous(), None)
 }
 
 /// The gradient summed over batch and pixels: `[c_out]`.
