@@ -40,6 +40,14 @@ pub trait FlexKernels: Backend {
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+    /// GroupNorm with a per-channel scale `gamma` and shift `beta` (`[c]`) over `x` `[b, c, h, w]`.
+    fn flex_group_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        epsilon: f64,
+    ) -> FloatTensor<Self>;
 }
 
 impl FlexKernels for Flex {
@@ -53,6 +61,16 @@ impl FlexKernels for Flex {
 
     fn flex_conv3x3(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
         conv3x3_forward(&x, &weight, bias)
+    }
+
+    fn flex_group_norm(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        groups: usize,
+        epsilon: f64,
+    ) -> FlexTensor {
+        group_norm_forward(&x, &gamma, &beta, groups, epsilon).0
     }
 }
 
@@ -110,6 +128,39 @@ impl Backward<Flex, 3> for Conv3x3Backward {
     }
 }
 
+/// What the GroupNorm backward step needs: the input, gamma, the group count and each
+/// (image, group)'s mean and 1/σ.
+#[derive(Clone, Debug)]
+struct GroupNormState {
+    x: FlexTensor,
+    gamma: FlexTensor,
+    groups: usize,
+    stats: Vec<[f32; 2]>,
+}
+
+/// The backward step of GroupNorm.
+#[derive(Debug)]
+struct GroupNormBackward;
+
+impl Backward<Flex, 3> for GroupNormBackward {
+    type State = GroupNormState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let (gx, ggamma, gbeta) = group_norm_backward(&ops.state, &grad);
+        if let Some(node) = node_x {
+            grads.register::<Flex>(node.id, gx);
+        }
+        if let Some(node) = node_gamma {
+            grads.register::<Flex>(node.id, ggamma);
+        }
+        if let Some(node) = node_beta {
+            grads.register::<Flex>(node.id, gbeta);
+        }
+    }
+}
+
 impl<C: CheckpointStrategy> FlexKernels for Autodiff<Flex, C> {
     fn flex_silu(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let (input, guard) = x.into_parts();
@@ -155,6 +206,163 @@ impl<C: CheckpointStrategy> FlexKernels for Autodiff<Flex, C> {
             OpsKind::UnTracked(prep) => prep.finish(output),
         }
     }
+
+    fn flex_group_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        let (x, guard_x) = x.into_parts();
+        let (gamma, guard_gamma) = gamma.into_parts();
+        let (beta, guard_beta) = beta.into_parts();
+        let (output, stats) = group_norm_forward(&x, &gamma, &beta, groups, epsilon);
+        match GroupNormBackward
+            .prepare::<C>([guard_x, guard_gamma, guard_beta])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                GroupNormState {
+                    x,
+                    gamma,
+                    groups,
+                    stats,
+                },
+                output,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        }
+    }
+}
+
+/// GroupNorm, one (image, group) block per task: mean and variance in two passes over the
+/// cache-hot block, then `x · scale + shift` per channel. Returns the output and each block's
+/// mean and 1/σ.
+fn group_norm_forward(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    beta: &FlexTensor,
+    groups: usize,
+    epsilon: f64,
+) -> (FlexTensor, Vec<[f32; 2]>) {
+    let [b, c, h, w] = dims4(x);
+    let x = contiguous(x);
+    let (gamma, beta) = (contiguous(gamma), contiguous(beta));
+    let src = x.as_slice::<f32>().expect("float32 GroupNorm input");
+    let gamma = gamma.as_slice::<f32>().expect("float32 gamma");
+    let beta = beta.as_slice::<f32>().expect("float32 beta");
+    let plane = h * w;
+    let per_group = c / groups;
+    let block = per_group * plane;
+    let mut out = vec![0.0f32; b * c * plane];
+    let stats = out
+        .par_chunks_mut(block)
+        .zip(src.par_chunks(block))
+        .enumerate()
+        .map(|(i, (dst, src))| {
+            let n = src.len() as f64;
+            let mean = src.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let var = src
+                .iter()
+                .map(|&v| {
+                    let d = v as f64 - mean;
+                    d * d
+                })
+                .sum::<f64>()
+                / n;
+            let rstd = 1.0 / (var + epsilon).sqrt();
+            let first = (i % groups) * per_group;
+            for (ci, (dst, src)) in dst.chunks_mut(plane).zip(src.chunks(plane)).enumerate() {
+                let scale = gamma[first + ci] as f64 * rstd;
+                let shift = beta[first + ci] as f64 - mean * scale;
+                let (scale, shift) = (scale as f32, shift as f32);
+                for (d, &s) in dst.iter_mut().zip(src) {
+                    *d = s * scale + shift;
+                }
+            }
+            [mean as f32, rstd as f32]
+        })
+        .collect();
+    (f32_tensor(out, vec![b, c, h, w]), stats)
+}
+
+/// GroupNorm's gradients. With `x̂ = (x − μ)/σ` and `ĝ = dy · γ`, per block:
+/// `dx = (ĝ − mean(ĝ) − x̂ · mean(ĝ · x̂)) / σ`; `dγ = Σ dy · x̂` and `dβ = Σ dy` per channel.
+fn group_norm_backward(
+    state: &GroupNormState,
+    grad: &FlexTensor,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let [b, c, h, w] = dims4(&state.x);
+    let x = contiguous(&state.x);
+    let gamma = contiguous(&state.gamma);
+    let grad = contiguous(grad);
+    let src = x.as_slice::<f32>().expect("float32 GroupNorm input");
+    let gamma = gamma.as_slice::<f32>().expect("float32 gamma");
+    let dy = grad.as_slice::<f32>().expect("float32 gradient");
+    let groups = state.groups;
+    let plane = h * w;
+    let per_group = c / groups;
+    let block = per_group * plane;
+    let mut dx = vec![0.0f32; b * c * plane];
+    // Per block: each channel's Σ dy and Σ dy · x̂.
+    let sums: Vec<Vec<[f64; 2]>> = dx
+        .par_chunks_mut(block)
+        .zip(src.par_chunks(block).zip(dy.par_chunks(block)))
+        .enumerate()
+        .map(|(i, (dst, (src, dy)))| {
+            let [mean, rstd] = state.stats[i];
+            let first = (i % groups) * per_group;
+            let sums: Vec<[f64; 2]> = src
+                .chunks(plane)
+                .zip(dy.chunks(plane))
+                .map(|(src, dy)| {
+                    let (mut s_dy, mut s_dyx) = (0.0f64, 0.0f64);
+                    for (&x, &g) in src.iter().zip(dy) {
+                        s_dy += g as f64;
+                        s_dyx += (g * (x - mean) * rstd) as f64;
+                    }
+                    [s_dy, s_dyx]
+                })
+                .collect();
+            let n = block as f64;
+            let (mut mean_g, mut mean_gx) = (0.0f64, 0.0f64);
+            for (ci, [s_dy, s_dyx]) in sums.iter().enumerate() {
+                let g = gamma[first + ci] as f64;
+                mean_g += g * s_dy / n;
+                mean_gx += g * s_dyx / n;
+            }
+            let (mean_g, mean_gx) = (mean_g as f32, mean_gx as f32);
+            for (ci, (dst, (src, dy))) in dst
+                .chunks_mut(plane)
+                .zip(src.chunks(plane).zip(dy.chunks(plane)))
+                .enumerate()
+            {
+                let g = gamma[first + ci];
+                for ((d, &x), &dy) in dst.iter_mut().zip(src).zip(dy) {
+                    let xhat = (x - mean) * rstd;
+                    *d = (dy * g - mean_g - xhat * mean_gx) * rstd;
+                }
+            }
+            sums
+        })
+        .collect();
+    let mut dgamma = vec![0.0f64; c];
+    let mut dbeta = vec![0.0f64; c];
+    for (i, block_sums) in sums.iter().enumerate() {
+        let first = (i % groups) * per_group;
+        for (ci, [s_dy, s_dyx]) in block_sums.iter().enumerate() {
+            dbeta[first + ci] += s_dy;
+            dgamma[first + ci] += s_dyx;
+        }
+    }
+    let to_f32 = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<_>>();
+    (
+        f32_tensor(dx, vec![b, c, h, w]),
+        f32_tensor(to_f32(dgamma), vec![c]),
+        f32_tensor(to_f32(dbeta), vec![c]),
+    )
 }
 
 /// The four dimensions of a rank-4 tensor.
@@ -563,6 +771,61 @@ mod tests {
                 gb1.reshape([1, 1, 1, c_out]),
                 gb2.reshape([1, 1, 1, c_out]),
             );
+        }
+    }
+
+    #[test]
+    fn group_norm_equals_burns_forward_and_gradients() {
+        use burn::module::{Module, Param};
+        use burn::nn::GroupNormConfig;
+
+        let device = Device::flex().autodiff();
+        let mut noise = crate::noise::SeededNoise::new(9);
+        let (b, c, h, w, groups) = (3, 12, 5, 7, 4);
+        let mut norm = GroupNormConfig::new(groups, c)
+            .with_epsilon(1e-5)
+            .init(&device);
+        let vector = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v, [c]), &device);
+        norm.gamma = Some(Param::from_tensor(vector(noise.sample_vec(c))));
+        norm.beta = Some(Param::from_tensor(vector(noise.sample_vec(c))));
+        // Off-centre and scaled, so that the mean and variance matter.
+        let x = Tensor::<4>::from_data(
+            TensorData::new(noise.sample_vec(b * c * h * w), [b, c, h, w]),
+            &device,
+        )
+        .mul_scalar(3.0)
+        .add_scalar(1.5);
+        let up = Tensor::<4>::from_data(
+            TensorData::new(noise.sample_vec(b * c * h * w), [b, c, h, w]),
+            &device,
+        );
+        let run = |fast: bool| {
+            let norm = norm.clone().fork(&device);
+            let x = x.clone().detach().require_grad();
+            let y = if fast {
+                crate::unet::layers::group_norm_forward(&norm, x.clone())
+            } else {
+                norm.forward(x.clone())
+            };
+            let grads = (y.clone() * up.clone()).sum().backward();
+            let gx = Tensor::<4>::from_inner(x.grad(&grads).unwrap());
+            let grad_of = |p: &Option<Param<Tensor<1>>>| {
+                let g = p.as_ref().unwrap().val().grad(&grads).unwrap();
+                Tensor::<1>::from_inner(g).reshape([1, 1, 1, c])
+            };
+            (y, gx, grad_of(&norm.gamma), grad_of(&norm.beta))
+        };
+        let (y1, gx1, gg1, gb1) = run(true);
+        let (y2, gx2, gg2, gb2) = run(false);
+        for (name, ours, burns) in [
+            ("output", y1, y2),
+            ("input gradient", gx1, gx2),
+            ("gamma gradient", gg1, gg2),
+            ("beta gradient", gb1, gb2),
+        ] {
+            let scale = burns.clone().abs().max().into_scalar::<f32>().max(1.0);
+            let d = max_diff(ours, burns);
+            assert!(d <= 1e-5 * scale, "{name}: max |diff| {d} (scale {scale})");
         }
     }
 

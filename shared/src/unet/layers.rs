@@ -92,8 +92,23 @@ pub(crate) fn group_norm(groups: usize, channels: usize, eps: f64, device: &Devi
 /// the per-channel scale and shift. Same function as `GroupNorm::forward`, which takes six
 /// element-wise passes (mean, centre, square, mean, divide, affine); on the CPU backend each of
 /// those runs on one thread, while flex's `layer_norm` is one parallel pass. Under autodiff,
-/// burn differentiates `layer_norm` through its own decomposition.
+/// burn differentiates `layer_norm` through its own decomposition. With feature `flex-kernels`,
+/// float32 tensors on the CPU backend take [`super::flex_kernels`]' GroupNorm, which has its own
+/// backward pass.
 pub(crate) fn group_norm_forward(norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "flex-kernels")]
+    if on_flex_f32(&x)
+        && let (Some(gamma), Some(beta)) = (&norm.gamma, &norm.beta)
+    {
+        use super::flex_kernels::FlexKernels;
+        return Tensor::from_dispatch(<burn::backend::Dispatch as FlexKernels>::flex_group_norm(
+            x.into_dispatch(),
+            gamma.val().into_dispatch(),
+            beta.val().into_dispatch(),
+            norm.num_groups,
+            norm.epsilon,
+        ));
+    }
     let [batch, channels, height, width] = x.dims();
     let groups = norm.num_groups;
     let rest = channels / groups * height * width;
