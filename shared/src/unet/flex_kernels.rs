@@ -1,6 +1,13 @@
-//! SiLU and softmax for burn's CPU backend (flex), forward and backward, as a burn backend
-//! extension.
+//! The UNet's heavy ops on burn's CPU backend (flex), forward and backward, as a burn backend
+//! extension for `Flex` and `Autodiff<Flex>`: each op here has a hand-written backward step.
 //!
+//! - 3×3 convolution (stride 1, padding 1): per image, the patches as im2col columns into a
+//!   cache-sized buffer, then one GEMM through flex's matmul. The weight gradient is
+//!   `grad · columnsᵀ` summed over the batch; the input gradient is the same convolution of the
+//!   output gradient with the kernel turned by 180°. flex's own conv first transposes the input
+//!   to NHWC on one thread, and its backward scatters through `conv_transpose`.
+//! - GroupNorm: one parallel pass per (image, group) block each way. burn's `GroupNorm` takes six
+//!   element-wise passes forward and differentiates through all of them.
 //! - SiLU: flex runs `sigmoid` as a scalar loop over `expf` on the calling thread, then a second
 //!   pass for the product, and its autodiff keeps both `x` and `sigmoid(x)`. Here one pass
 //!   computes `x / (1 + e^-x)` with a polynomial `exp` that the compiler vectorises (pulp picks
@@ -11,8 +18,9 @@
 //!   backward step. Here the forward is flex's fused kernel and the backward is one row-wise pass,
 //!   `y ⊙ (g − Σ g ⊙ y)`, from the saved output.
 //!
-//! Only float32 tensors on the flex device come here ([`super::silu`] and
-//! [`super::softmax_last`] check); every other backend and dtype keeps burn's own ops.
+//! Only float32 tensors on the flex device come here ([`super::conv_forward`], [`super::silu`],
+//! [`super::softmax_last`] and the UNet's GroupNorm check); every other backend and dtype keeps
+//! burn's own ops. Each op is tested against burn's, forward and every gradient.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -262,27 +270,29 @@ fn group_norm_forward(
         .zip(src.par_chunks(block))
         .enumerate()
         .map(|(i, (dst, src))| {
-            let n = src.len() as f64;
-            let mean = src.iter().map(|&v| v as f64).sum::<f64>() / n;
-            let var = src
-                .iter()
-                .map(|&v| {
-                    let d = v as f64 - mean;
-                    d * d
-                })
-                .sum::<f64>()
-                / n;
-            let rstd = 1.0 / (var + epsilon).sqrt();
-            let first = (i % groups) * per_group;
-            for (ci, (dst, src)) in dst.chunks_mut(plane).zip(src.chunks(plane)).enumerate() {
-                let scale = gamma[first + ci] as f64 * rstd;
-                let shift = beta[first + ci] as f64 - mean * scale;
-                let (scale, shift) = (scale as f32, shift as f32);
-                for (d, &s) in dst.iter_mut().zip(src) {
-                    *d = s * scale + shift;
+            pulp::Arch::new().dispatch(|| {
+                let n = src.len() as f64;
+                let mean = src.iter().map(|&v| v as f64).sum::<f64>() / n;
+                let var = src
+                    .iter()
+                    .map(|&v| {
+                        let d = v as f64 - mean;
+                        d * d
+                    })
+                    .sum::<f64>()
+                    / n;
+                let rstd = 1.0 / (var + epsilon).sqrt();
+                let first = (i % groups) * per_group;
+                for (ci, (dst, src)) in dst.chunks_mut(plane).zip(src.chunks(plane)).enumerate() {
+                    let scale = gamma[first + ci] as f64 * rstd;
+                    let shift = beta[first + ci] as f64 - mean * scale;
+                    let (scale, shift) = (scale as f32, shift as f32);
+                    for (d, &s) in dst.iter_mut().zip(src) {
+                        *d = s * scale + shift;
+                    }
                 }
-            }
-            [mean as f32, rstd as f32]
+                [mean as f32, rstd as f32]
+            })
         })
         .collect();
     (f32_tensor(out, vec![b, c, h, w]), stats)
@@ -312,40 +322,42 @@ fn group_norm_backward(
         .zip(src.par_chunks(block).zip(dy.par_chunks(block)))
         .enumerate()
         .map(|(i, (dst, (src, dy)))| {
-            let [mean, rstd] = state.stats[i];
-            let first = (i % groups) * per_group;
-            let sums: Vec<[f64; 2]> = src
-                .chunks(plane)
-                .zip(dy.chunks(plane))
-                .map(|(src, dy)| {
-                    let (mut s_dy, mut s_dyx) = (0.0f64, 0.0f64);
-                    for (&x, &g) in src.iter().zip(dy) {
-                        s_dy += g as f64;
-                        s_dyx += (g * (x - mean) * rstd) as f64;
-                    }
-                    [s_dy, s_dyx]
-                })
-                .collect();
-            let n = block as f64;
-            let (mut mean_g, mut mean_gx) = (0.0f64, 0.0f64);
-            for (ci, [s_dy, s_dyx]) in sums.iter().enumerate() {
-                let g = gamma[first + ci] as f64;
-                mean_g += g * s_dy / n;
-                mean_gx += g * s_dyx / n;
-            }
-            let (mean_g, mean_gx) = (mean_g as f32, mean_gx as f32);
-            for (ci, (dst, (src, dy))) in dst
-                .chunks_mut(plane)
-                .zip(src.chunks(plane).zip(dy.chunks(plane)))
-                .enumerate()
-            {
-                let g = gamma[first + ci];
-                for ((d, &x), &dy) in dst.iter_mut().zip(src).zip(dy) {
-                    let xhat = (x - mean) * rstd;
-                    *d = (dy * g - mean_g - xhat * mean_gx) * rstd;
+            pulp::Arch::new().dispatch(|| {
+                let [mean, rstd] = state.stats[i];
+                let first = (i % groups) * per_group;
+                let sums: Vec<[f64; 2]> = src
+                    .chunks(plane)
+                    .zip(dy.chunks(plane))
+                    .map(|(src, dy)| {
+                        let (mut s_dy, mut s_dyx) = (0.0f64, 0.0f64);
+                        for (&x, &g) in src.iter().zip(dy) {
+                            s_dy += g as f64;
+                            s_dyx += (g * (x - mean) * rstd) as f64;
+                        }
+                        [s_dy, s_dyx]
+                    })
+                    .collect();
+                let n = block as f64;
+                let (mut mean_g, mut mean_gx) = (0.0f64, 0.0f64);
+                for (ci, [s_dy, s_dyx]) in sums.iter().enumerate() {
+                    let g = gamma[first + ci] as f64;
+                    mean_g += g * s_dy / n;
+                    mean_gx += g * s_dyx / n;
                 }
-            }
-            sums
+                let (mean_g, mean_gx) = (mean_g as f32, mean_gx as f32);
+                for (ci, (dst, (src, dy))) in dst
+                    .chunks_mut(plane)
+                    .zip(src.chunks(plane).zip(dy.chunks(plane)))
+                    .enumerate()
+                {
+                    let g = gamma[first + ci];
+                    for ((d, &x), &dy) in dst.iter_mut().zip(src).zip(dy) {
+                        let xhat = (x - mean) * rstd;
+                        *d = (dy * g - mean_g - xhat * mean_gx) * rstd;
+                    }
+                }
+                sums
+            })
         })
         .collect();
     let mut dgamma = vec![0.0f64; c];
