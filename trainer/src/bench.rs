@@ -345,11 +345,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
                         b,
                         selected.batch_threads,
                         |part, start, len| {
-                            let output = part.forward(
-                                x_t.clone().narrow(0, start, len),
-                                t.clone().narrow(0, start, len),
-                                labels.clone().map(|l| l.narrow(0, start, len)),
-                            );
+                            let output = part.forward_slice(&x_t, &t, labels.as_ref(), start, len);
                             diffusion::l_simple(output, eps.clone().narrow(0, start, len))
                         },
                     );

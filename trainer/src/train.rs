@@ -778,11 +778,7 @@ pub fn run(args: TrainArgs, stop: Arc<AtomicBool>) -> Result<()> {
             b,
             selected.batch_threads,
             |part, start, len| {
-                let output = part.forward(
-                    x_t.clone().narrow(0, start, len),
-                    t.clone().narrow(0, start, len),
-                    labels.clone().map(|l| l.narrow(0, start, len)),
-                );
+                let output = part.forward_slice(&x_t, &t, labels.as_ref(), start, len);
                 config.loss.loss(
                     info.prediction,
                     &schedule,
@@ -894,25 +890,11 @@ where
         let value = loss.clone().into_scalar::<f32>() as f64;
         return (GradientsParams::from_grads(loss.backward(), model), value);
     }
-    let chunk = batch.div_ceil(parts);
-    let slices = std::thread::scope(|scope| {
-        let loss_of = &loss_of;
-        let handles: Vec<_> = (0..batch)
-            .step_by(chunk)
-            .map(|start| {
-                let len = chunk.min(batch - start);
-                let part = model.clone().fork(device);
-                scope.spawn(move || {
-                    let loss = loss_of(&part, start, len).mul_scalar(len as f64 / batch as f64);
-                    let value = loss.clone().into_scalar::<f32>() as f64;
-                    (GradientsParams::from_grads(loss.backward(), &part), value)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect::<Vec<_>>()
+    let slices = ddpm::unet::on_batch_slices(batch, parts, |start, len| {
+        let part = model.clone().fork(device);
+        let loss = loss_of(&part, start, len).mul_scalar(len as f64 / batch as f64);
+        let value = loss.clone().into_scalar::<f32>() as f64;
+        (GradientsParams::from_grads(loss.backward(), &part), value)
     });
     let mut sum = GradientsAccumulator::new();
     let mut value = 0.0;
@@ -1013,11 +995,7 @@ mod tests {
         let weighting = LossWeighting::MinSnr { gamma: 5.0 };
         let run = |parts: usize| {
             let (grads, loss) = batch_gradients(&model, &device, batch, parts, |m, start, len| {
-                let out = m.forward(
-                    x_t.clone().narrow(0, start, len),
-                    t.clone().narrow(0, start, len),
-                    Some(labels.clone().narrow(0, start, len)),
-                );
+                let out = m.forward_slice(&x_t, &t, Some(&labels), start, len);
                 weighting.loss(
                     PredictionType::Epsilon,
                     &schedule,

@@ -64,7 +64,7 @@ impl FlexKernels for Flex {
     }
 
     fn flex_softmax_last(x: FlexTensor) -> FlexTensor {
-        softmax_forward(x)
+        softmax_forward(&x)
     }
 
     fn flex_conv3x3(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
@@ -82,33 +82,49 @@ impl FlexKernels for Flex {
     }
 }
 
-/// The backward step: the gradient times `silu'(x)`, from the saved input.
+/// The backward step of a one-input op whose gradient needs one saved tensor (its input or its
+/// output): `gradient(saved, grad)`.
 #[derive(Debug)]
-struct SiluBackward;
+struct SavedTensorBackward(fn(&FlexTensor, &FlexTensor) -> FlexTensor);
 
-impl Backward<Flex, 1> for SiluBackward {
+impl Backward<Flex, 1> for SavedTensorBackward {
     type State = FlexTensor;
 
     fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let x = ops.state;
-        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
-            silu_backward(&x, &grad)
-        });
+        let saved = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| (self.0)(&saved, &grad));
     }
 }
 
-/// The backward step of softmax: `y ⊙ (g − Σ g ⊙ y)` row by row, from the saved output `y`.
-#[derive(Debug)]
-struct SoftmaxBackward;
+/// Which tensor a one-input op keeps for its backward step.
+#[derive(Clone, Copy, Debug)]
+enum Save {
+    Input,
+    Output,
+}
 
-impl Backward<Flex, 1> for SoftmaxBackward {
-    type State = FlexTensor;
-
-    fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let y = ops.state;
-        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
-            softmax_backward(&y, &grad)
-        });
+/// `forward(x)` under autodiff, keeping the input or the output for `gradient`.
+fn tracked_unary<C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<Flex, C>>,
+    forward: fn(&FlexTensor) -> FlexTensor,
+    gradient: fn(&FlexTensor, &FlexTensor) -> FlexTensor,
+    save: Save,
+) -> FloatTensor<Autodiff<Flex, C>> {
+    let (input, guard) = x.into_parts();
+    let output = forward(&input);
+    match SavedTensorBackward(gradient)
+        .prepare::<C>([guard])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let saved = match save {
+                Save::Input => input,
+                Save::Output => output.clone(),
+            };
+            prep.finish(saved, output)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(output),
     }
 }
 
@@ -171,29 +187,11 @@ impl Backward<Flex, 3> for GroupNormBackward {
 
 impl<C: CheckpointStrategy> FlexKernels for Autodiff<Flex, C> {
     fn flex_silu(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        let (input, guard) = x.into_parts();
-        let output = silu_forward(&input);
-        match SiluBackward
-            .prepare::<C>([guard])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(input, output),
-            OpsKind::UnTracked(prep) => prep.finish(output),
-        }
+        tracked_unary::<C>(x, silu_forward, silu_backward, Save::Input)
     }
 
     fn flex_softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        let (input, guard) = x.into_parts();
-        let output = softmax_forward(input);
-        match SoftmaxBackward
-            .prepare::<C>([guard])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(output.clone(), output),
-            OpsKind::UnTracked(prep) => prep.finish(output),
-        }
+        tracked_unary::<C>(x, softmax_forward, softmax_backward, Save::Output)
     }
 
     fn flex_conv3x3(
@@ -493,9 +491,9 @@ fn conv3x3_bias_grad(grad: &FlexTensor) -> FlexTensor {
     Flex::float_reshape(summed, Shape::new([c_out]))
 }
 
-fn softmax_forward(x: FlexTensor) -> FlexTensor {
+fn softmax_forward(x: &FlexTensor) -> FlexTensor {
     let last = x.layout().shape().num_dims() - 1;
-    burn::backend::flex::ops::activation::softmax(x, last)
+    burn::backend::flex::ops::activation::softmax(x.clone(), last)
 }
 
 fn softmax_backward(y: &FlexTensor, grad: &FlexTensor) -> FlexTensor {

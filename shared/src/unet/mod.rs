@@ -213,62 +213,62 @@ impl UNet {
         parts: usize,
     ) -> Tensor<4> {
         let [batch, _, _, _] = sample.dims();
-        let parts = parts.clamp(1, batch.max(1));
-        if parts == 1 {
+        if parts.clamp(1, batch.max(1)) == 1 || cfg!(target_arch = "wasm32") {
             return self.forward(sample, timesteps, class_labels);
         }
-        self.forward_threads(sample, timesteps, class_labels, parts)
-    }
-
-    #[cfg(target_arch = "wasm32")]
-    fn forward_threads(
-        &self,
-        sample: Tensor<4>,
-        timesteps: Tensor<1>,
-        class_labels: Option<Tensor<1, Int>>,
-        _parts: usize,
-    ) -> Tensor<4> {
-        self.forward(sample, timesteps, class_labels)
-    }
-
-    #[cfg(not(target_arch = "wasm32"))]
-    fn forward_threads(
-        &self,
-        sample: Tensor<4>,
-        timesteps: Tensor<1>,
-        class_labels: Option<Tensor<1, Int>>,
-        parts: usize,
-    ) -> Tensor<4> {
-        let [batch, _, _, _] = sample.dims();
-        let chunk = batch.div_ceil(parts);
-        let slices: Vec<_> = (0..batch)
-            .step_by(chunk)
-            .map(|start| {
-                let len = chunk.min(batch - start);
-                (
-                    sample.clone().narrow(0, start, len),
-                    timesteps.clone().narrow(0, start, len),
-                    class_labels.clone().map(|l| l.narrow(0, start, len)),
-                )
-            })
-            .collect();
-        let outputs = std::thread::scope(|scope| {
-            let handles: Vec<_> = slices
-                .into_iter()
-                .map(|(x, t, labels)| scope.spawn(move || self.forward(x, t, labels)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                .collect::<Vec<_>>()
+        let outputs = on_batch_slices(batch, parts, |start, len| {
+            self.forward_slice(&sample, &timesteps, class_labels.as_ref(), start, len)
         });
         Tensor::cat(outputs, 0)
+    }
+
+    /// [`UNet::forward`] on the batch slice `start..start + len` of the inputs.
+    pub fn forward_slice(
+        &self,
+        sample: &Tensor<4>,
+        timesteps: &Tensor<1>,
+        class_labels: Option<&Tensor<1, Int>>,
+        start: usize,
+        len: usize,
+    ) -> Tensor<4> {
+        self.forward(
+            sample.clone().narrow(0, start, len),
+            timesteps.clone().narrow(0, start, len),
+            class_labels.map(|l| l.clone().narrow(0, start, len)),
+        )
     }
 
     /// Whether the model takes class labels.
     pub fn is_class_conditional(&self) -> bool {
         self.class_embedding.is_some()
     }
+}
+
+/// `f(start, len)` for up to `parts` consecutive slices of a batch of `batch` images, in order,
+/// each slice on its own thread ([`UNet::forward_split`], the trainer's gradients). wasm32 has no
+/// threads here: the slices run one after another.
+pub fn on_batch_slices<T: Send>(
+    batch: usize,
+    parts: usize,
+    f: impl Fn(usize, usize) -> T + Sync,
+) -> Vec<T> {
+    let chunk = batch.div_ceil(parts.clamp(1, batch.max(1))).max(1);
+    let slices = (0..batch)
+        .step_by(chunk)
+        .map(move |start| (start, chunk.min(batch - start)));
+    if chunk >= batch || cfg!(target_arch = "wasm32") {
+        return slices.map(|(start, len)| f(start, len)).collect();
+    }
+    std::thread::scope(|scope| {
+        let f = &f;
+        let handles: Vec<_> = slices
+            .map(|(start, len)| scope.spawn(move || f(start, len)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
 }
 
 #[cfg(test)]
