@@ -1,11 +1,13 @@
 //! The UNet's heavy ops on burn's CPU backend (flex), forward and backward, as a burn backend
 //! extension for `Flex` and `Autodiff<Flex>`: each op here has a hand-written backward step.
 //!
-//! - 3×3 convolution (stride 1, padding 1): per image, the patches as im2col columns into a
-//!   cache-sized buffer, then one GEMM through flex's matmul. The weight gradient is
-//!   `grad · columnsᵀ` summed over the batch; the input gradient is the same convolution of the
-//!   output gradient with the kernel turned by 180°. flex's own conv first transposes the input
-//!   to NHWC on one thread, and its backward scatters through `conv_transpose`.
+//! - Stride-1 convolution, 3×3 with padding 1 and 1×1 ([`conv`]): per image, the patches as
+//!   im2col columns in a cache-sized buffer, then one GEMM ([`gemm`]) that writes the image's
+//!   output into the batch tensor on top of the bias. The weight gradient is
+//!   `grad · columnsᵀ` summed over the batch in place; the input gradient is the same
+//!   convolution of the output gradient with the kernel turned by 180°. flex's own conv first
+//!   transposes the input to NHWC on one thread, and its backward scatters through
+//!   `conv_transpose`.
 //! - GroupNorm: one parallel pass per (image, group) block each way. burn's `GroupNorm` takes six
 //!   element-wise passes forward and differentiates through all of them.
 //! - SiLU: flex runs `sigmoid` as a scalar loop over `expf` on the calling thread, then a second
@@ -27,11 +29,13 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::flex::FlexTensor;
-use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, backend_extension};
-use burn::tensor::{Shape, TensorData};
+use burn::tensor::TensorData;
 use rayon::prelude::*;
+
+mod conv;
+mod gemm;
 
 /// The fused operations as a backend extension: flex has the kernels, `Autodiff<Flex>` adds
 /// their backward passes.
@@ -41,9 +45,9 @@ pub trait FlexKernels: Backend {
     fn flex_silu(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// Softmax over the last axis.
     fn flex_softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self>;
-    /// 3×3 convolution, stride 1, padding 1, with bias: `x` `[b, c_in, h, w]`, `weight`
-    /// `[c_out, c_in, 3, 3]`, `bias` `[c_out]`.
-    fn flex_conv3x3(
+    /// Stride-1 convolution with bias, 1×1 without padding or 3×3 with padding 1: `x`
+    /// `[b, c_in, h, w]`, `weight` `[c_out, c_in, k, k]`, `bias` `[c_out]`.
+    fn flex_conv(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
@@ -67,8 +71,8 @@ impl FlexKernels for Flex {
         softmax_forward(&x)
     }
 
-    fn flex_conv3x3(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
-        conv3x3_forward(&x, &weight, bias)
+    fn flex_conv(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
+        conv::conv_forward(&x, &weight, Some(&bias))
     }
 
     fn flex_group_norm(
@@ -128,11 +132,11 @@ fn tracked_unary<C: CheckpointStrategy>(
     }
 }
 
-/// The backward step of the 3×3 convolution, from the saved input and weight.
+/// The backward step of the convolution, from the saved input and weight.
 #[derive(Debug)]
-struct Conv3x3Backward;
+struct ConvBackward;
 
-impl Backward<Flex, 3> for Conv3x3Backward {
+impl Backward<Flex, 3> for ConvBackward {
     type State = (FlexTensor, FlexTensor);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -141,13 +145,14 @@ impl Backward<Flex, 3> for Conv3x3Backward {
         let grad = grads.consume::<Flex>(&ops.node);
         let grad = contiguous(&grad);
         if let Some(node) = node_b {
-            grads.register::<Flex>(node.id, conv3x3_bias_grad(&grad));
+            grads.register::<Flex>(node.id, conv::conv_bias_grad(&grad));
         }
         if let Some(node) = node_w {
-            grads.register::<Flex>(node.id, conv3x3_weight_grad(&x, &grad));
+            let kernel = conv::kernel_side(&weight);
+            grads.register::<Flex>(node.id, conv::conv_weight_grad(&x, &grad, kernel));
         }
         if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, conv3x3_input_grad(&weight, &grad));
+            grads.register::<Flex>(node.id, conv::conv_input_grad(&weight, &grad));
         }
     }
 }
@@ -194,7 +199,7 @@ impl<C: CheckpointStrategy> FlexKernels for Autodiff<Flex, C> {
         tracked_unary::<C>(x, softmax_forward, softmax_backward, Save::Output)
     }
 
-    fn flex_conv3x3(
+    fn flex_conv(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
@@ -202,8 +207,8 @@ impl<C: CheckpointStrategy> FlexKernels for Autodiff<Flex, C> {
         let (x, guard_x) = x.into_parts();
         let (weight, guard_w) = weight.into_parts();
         let (bias, guard_b) = bias.into_parts();
-        let output = conv3x3_forward(&x, &weight, bias);
-        match Conv3x3Backward
+        let output = conv::conv_forward(&x, &weight, Some(&bias));
+        match ConvBackward
             .prepare::<C>([guard_x, guard_w, guard_b])
             .compute_bound()
             .stateful()
@@ -383,112 +388,6 @@ fn dims4(x: &FlexTensor) -> [usize; 4] {
 
 fn f32_tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(data, shape))
-}
-
-/// The 3×3 patches of one image `[c, h, w]` (padding 1) as columns: `[c · 9, h · w]`, row
-/// `c · 9 + ky · 3 + kx` holding `x[c, y + ky − 1, x + kx − 1]` (0 outside) at column `y · w + x`.
-/// Row order matches the weight's `[c_out, c_in, 3, 3]` layout, so the convolution is
-/// `weight · columns`. One image's columns (9× its pixels) stay in cache for the GEMM that follows.
-fn im2col3x3(src: &[f32], [c, h, w]: [usize; 3]) -> FlexTensor {
-    let plane = h * w;
-    // Written front to back in one pass, without zero-filling first.
-    let mut cols = Vec::with_capacity(c * 9 * plane);
-    for src in src.chunks(plane).take(c) {
-        for ky in 0..3 {
-            for kx in 0..3 {
-                for oy in 0..h {
-                    let iy = oy + ky;
-                    if iy < 1 || iy > h {
-                        cols.resize(cols.len() + w, 0.0); // a padding row
-                        continue;
-                    }
-                    let src_row = &src[(iy - 1) * w..iy * w];
-                    match kx {
-                        0 => {
-                            cols.push(0.0);
-                            cols.extend_from_slice(&src_row[..w - 1]);
-                        }
-                        1 => cols.extend_from_slice(src_row),
-                        _ => {
-                            cols.extend_from_slice(&src_row[1..]);
-                            cols.push(0.0);
-                        }
-                    }
-                }
-            }
-        }
-    }
-    f32_tensor(cols, vec![c * 9, plane])
-}
-
-/// `f(i)` for every image of the batch, on rayon's threads.
-fn per_image<T: Send>(b: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
-    (0..b).into_par_iter().map(f).collect()
-}
-
-fn conv3x3_forward(x: &FlexTensor, weight: &FlexTensor, bias: FlexTensor) -> FlexTensor {
-    let c_out = weight.layout().shape()[0];
-    conv3x3(
-        x,
-        weight,
-        Some(Flex::float_reshape(bias, Shape::new([c_out, 1]))),
-    )
-}
-
-/// The convolution itself: per image, `weight · im2col(x)` (+ bias `[c_out, 1]`).
-fn conv3x3(x: &FlexTensor, weight: &FlexTensor, bias: Option<FlexTensor>) -> FlexTensor {
-    let [b, c_in, h, w] = dims4(x);
-    let c_out = weight.layout().shape()[0];
-    let x = contiguous(x);
-    let src = x.as_slice::<f32>().expect("float32 conv input");
-    let image = c_in * h * w;
-    let w2 = Flex::float_reshape(weight.clone(), Shape::new([c_out, c_in * 9]));
-    let outs = per_image(b, |i| {
-        let cols = im2col3x3(&src[i * image..(i + 1) * image], [c_in, h, w]);
-        let out = Flex::float_matmul(w2.clone(), cols); // [c_out, h · w]
-        // The bias goes on while the image's output is still in cache.
-        match &bias {
-            Some(bias) => Flex::float_add(out, bias.clone()),
-            None => out,
-        }
-    });
-    let out = Flex::float_cat(outs, 0); // [b · c_out, h · w]
-    Flex::float_reshape(out, Shape::new([b, c_out, h, w]))
-}
-
-/// `Σ_b grad_b · columns_bᵀ`, shaped like the weight.
-fn conv3x3_weight_grad(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
-    let [b, c_in, h, w] = dims4(x);
-    let c_out = grad.layout().shape()[1];
-    let x = contiguous(x);
-    let src = x.as_slice::<f32>().expect("float32 conv input");
-    let image = c_in * h * w;
-    let g = Flex::float_reshape(grad.clone(), Shape::new([b, c_out, h * w]));
-    let parts = per_image(b, |i| {
-        let cols = im2col3x3(&src[i * image..(i + 1) * image], [c_in, h, w]);
-        let g_i = Flex::float_reshape(g.narrow(0, i, 1), Shape::new([c_out, h * w]));
-        Flex::float_matmul(g_i, Flex::float_swap_dims(cols, 0, 1)) // [c_out, c_in · 9]
-    });
-    let summed = parts
-        .into_iter()
-        .reduce(Flex::float_add)
-        .expect("a batch of at least one image");
-    Flex::float_reshape(summed, Shape::new([c_out, c_in, 3, 3]))
-}
-
-/// The input gradient of a 3×3, padding-1 convolution is the same convolution of the output
-/// gradient, with the weight's in and out channels swapped and its kernel turned by 180°.
-fn conv3x3_input_grad(weight: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
-    let turned = Flex::float_flip(Flex::float_swap_dims(weight.clone(), 0, 1), &[2, 3]);
-    conv3x3(grad, &turned.to_contiguous(), None)
-}
-
-/// The gradient summed over batch and pixels: `[c_out]`.
-fn conv3x3_bias_grad(grad: &FlexTensor) -> FlexTensor {
-    let [b, c_out, h, w] = dims4(grad);
-    let g = Flex::float_reshape(grad.clone(), Shape::new([b, c_out, h * w]));
-    let summed = Flex::float_sum_dim(Flex::float_sum_dim(g, 2), 0);
-    Flex::float_reshape(summed, Shape::new([c_out]))
 }
 
 fn softmax_forward(x: &FlexTensor) -> FlexTensor {
@@ -723,17 +622,29 @@ mod tests {
     }
 
     #[test]
-    fn conv3x3_equals_burns_forward_and_gradients() {
+    fn conv_equals_burns_forward_and_gradients() {
         use burn::module::{Module, Param};
         use burn::nn::PaddingConfig2d;
         use burn::nn::conv::Conv2dConfig;
 
         let device = Device::flex().autodiff();
         let mut noise = crate::noise::SeededNoise::new(5);
-        // Odd sizes, one channel in (the stem), and a batch big enough for the parallel paths.
-        for (b, c_in, c_out, h, w) in [(3, 4, 5, 7, 9), (2, 1, 8, 28, 28), (4, 16, 16, 14, 14)] {
-            let conv = Conv2dConfig::new([c_in, c_out], [3, 3])
-                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        // Odd sizes, one channel in (the stem), one image (each product spread over the
+        // threads) and batches of one image per thread; 3×3 and 1×1 (the ResNet shortcut).
+        for (k, b, c_in, c_out, h, w) in [
+            (3, 3, 4, 5, 7, 9),
+            (3, 2, 1, 8, 28, 28),
+            (3, 1, 16, 16, 14, 14),
+            (3, 4, 16, 16, 14, 14),
+            (1, 3, 6, 5, 7, 9),
+            (1, 1, 16, 8, 14, 14),
+        ] {
+            let padding = match k {
+                3 => PaddingConfig2d::Explicit(1, 1, 1, 1),
+                _ => PaddingConfig2d::Valid,
+            };
+            let conv = Conv2dConfig::new([c_in, c_out], [k, k])
+                .with_padding(padding)
                 .init(&device);
             let n = b * c_in * h * w;
             let x = Tensor::<4>::from_data(
@@ -762,7 +673,7 @@ mod tests {
             };
             let (y1, gx1, gw1, gb1) = run(true);
             let (y2, gx2, gw2, gb2) = run(false);
-            let case = format!("b {b}, c {c_in}→{c_out}, {h}×{w}");
+            let case = format!("{k}×{k}, b {b}, c {c_in}→{c_out}, {h}×{w}");
             // Relative to the reference's largest entry: the weight and bias gradients are sums
             // over b · h · w products, accumulated in a different order.
             let check = |name: &str, ours: Tensor<4>, burns: Tensor<4>| {

@@ -51,21 +51,27 @@ pub fn softmax_last<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     burn::tensor::activation::softmax(x, D - 1)
 }
 
-/// `conv.forward(x)`, except that 3×3 convolutions with stride 1 and padding 1 on float32 tensors
-/// on burn's CPU backend take [`super::flex_kernels`]' im2col + GEMM kernels when they are compiled
-/// in (feature `flex-kernels`).
+/// `conv.forward(x)`, except that stride-1 convolutions with bias, 3×3 with padding 1 or 1×1
+/// without padding, on float32 tensors on burn's CPU backend take [`super::flex_kernels`]'
+/// im2col + GEMM kernels when they are compiled in (feature `flex-kernels`).
 pub fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     #[cfg(feature = "flex-kernels")]
     if on_flex_f32(&x)
-        && conv.kernel_size == [3, 3]
         && conv.stride == [1, 1]
         && conv.dilation == [1, 1]
         && conv.groups == 1
-        && conv.padding == PaddingConfig2d::Explicit(1, 1, 1, 1)
+        && match conv.kernel_size {
+            [3, 3] => conv.padding == PaddingConfig2d::Explicit(1, 1, 1, 1),
+            [1, 1] => matches!(
+                conv.padding,
+                PaddingConfig2d::Valid | PaddingConfig2d::Explicit(0, 0, 0, 0)
+            ),
+            _ => false,
+        }
         && let Some(bias) = &conv.bias
     {
         use super::flex_kernels::FlexKernels;
-        return Tensor::from_dispatch(<burn::backend::Dispatch as FlexKernels>::flex_conv3x3(
+        return Tensor::from_dispatch(<burn::backend::Dispatch as FlexKernels>::flex_conv(
             x.into_dispatch(),
             conv.weight.val().into_dispatch(),
             bias.val().into_dispatch(),

@@ -1,0 +1,185 @@
+//! Stride-1 convolutions with 1×1 (no padding) and 3×3 (padding 1) kernels, one image at a time:
+//! the 3×3 patches as im2col columns in a per-thread buffer that stays in cache, then one GEMM
+//! that writes the image's output straight into the batch tensor on top of the bias. For a 1×1
+//! kernel the image itself is the column matrix.
+//!
+//! Backward: the weight gradient is `Σ_b grad_b · columns_bᵀ`, summed in place per thread; the
+//! input gradient is the same convolution of the output gradient with the weight's in and out
+//! channels swapped and its kernel turned by 180°.
+
+use std::cell::RefCell;
+
+use burn::backend::Flex;
+use burn::backend::flex::FlexTensor;
+use burn::backend::ops::FloatTensorOps;
+use burn::tensor::Shape;
+use rayon::prelude::*;
+
+use super::gemm::{Mat, matmul};
+use super::{contiguous, dims4, f32_tensor};
+
+thread_local! {
+    /// Each thread's im2col buffer, reused from image to image.
+    static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The side of a square kernel `[c_out, c_in, k, k]`.
+pub(super) fn kernel_side(weight: &FlexTensor) -> usize {
+    dims4(weight)[3]
+}
+
+fn slice(x: &FlexTensor) -> &[f32] {
+    x.as_slice::<f32>()
+        .expect("the convolution kernels take contiguous float32 tensors")
+}
+
+/// Calls `f` with one image `[c, h, w]`'s columns, `[c · k², h · w]`.
+fn with_columns<R>(
+    image: &[f32],
+    [c, h, w]: [usize; 3],
+    kernel: usize,
+    f: impl FnOnce(Mat) -> R,
+) -> R {
+    if kernel == 1 {
+        return f(Mat::row_major(image, c, h * w));
+    }
+    let run = |buffer: &mut Vec<f32>| {
+        im2col3x3(image, [c, h, w], buffer);
+        f(Mat::row_major(buffer, c * 9, h * w))
+    };
+    COLUMNS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffer) => run(&mut buffer),
+        // Only if a thread re-enters while waiting on a parallel product: a fresh buffer.
+        Err(_) => run(&mut Vec::new()),
+    })
+}
+
+/// The 3×3 patches of one image `[c, h, w]` (padding 1) as columns `[c · 9, h · w]` in `cols`:
+/// row `c · 9 + ky · 3 + kx` holds `x[c, y + ky − 1, x + kx − 1]` (0 outside) at column
+/// `y · w + x`. Row order matches the weight's `[c_out, c_in, 3, 3]` layout, so the convolution
+/// is `weight · columns`.
+fn im2col3x3(src: &[f32], [c, h, w]: [usize; 3], cols: &mut Vec<f32>) {
+    let plane = h * w;
+    // Written front to back in one pass, without zero-filling first.
+    cols.clear();
+    cols.reserve(c * 9 * plane);
+    for src in src.chunks(plane).take(c) {
+        for ky in 0..3 {
+            for kx in 0..3 {
+                for oy in 0..h {
+                    let iy = oy + ky;
+                    if iy < 1 || iy > h {
+                        cols.resize(cols.len() + w, 0.0); // a padding row
+                        continue;
+                    }
+                    let src_row = &src[(iy - 1) * w..iy * w];
+                    match kx {
+                        0 => {
+                            cols.push(0.0);
+                            cols.extend_from_slice(&src_row[..w - 1]);
+                        }
+                        1 => cols.extend_from_slice(src_row),
+                        _ => {
+                            cols.extend_from_slice(&src_row[1..]);
+                            cols.push(0.0);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether to run one image per rayon thread (each product on its own thread) rather than one
+/// image at a time with each product spread over the threads.
+fn images_in_parallel(batch: usize) -> bool {
+    batch >= rayon::current_num_threads()
+}
+
+/// The convolution: per image, `weight · columns` (+ bias `[c_out]`). `x` is `[b, c_in, h, w]`
+/// and `weight` `[c_out, c_in, k, k]` with k = 1 or 3.
+pub(super) fn conv_forward(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    bias: Option<&FlexTensor>,
+) -> FlexTensor {
+    let [b, c_in, h, w] = dims4(x);
+    let [c_out, _, kernel, _] = dims4(weight);
+    let (x, weight) = (contiguous(x), contiguous(weight));
+    let bias = bias.map(contiguous);
+    let (src, bias) = (slice(&x), bias.as_ref().map(slice));
+    let weight = Mat::row_major(slice(&weight), c_out, c_in * kernel * kernel);
+    let (image, plane) = (c_in * h * w, h * w);
+    let mut out = vec![0.0f32; b * c_out * plane];
+    let one = |i: usize, dst: &mut [f32], parallel: bool| {
+        if let Some(bias) = bias {
+            for (channel, &v) in dst.chunks_mut(plane).zip(bias) {
+                channel.fill(v);
+            }
+        }
+        with_columns(&src[i * image..][..image], [c_in, h, w], kernel, |cols| {
+            matmul(dst, weight, cols, bias.is_some(), parallel)
+        });
+    };
+    if c_out * plane > 0 {
+        if images_in_parallel(b) {
+            out.par_chunks_mut(c_out * plane)
+                .enumerate()
+                .for_each(|(i, dst)| one(i, dst, false));
+        } else {
+            for (i, dst) in out.chunks_mut(c_out * plane).enumerate() {
+                one(i, dst, true);
+            }
+        }
+    }
+    f32_tensor(out, vec![b, c_out, h, w])
+}
+
+/// `Σ_b grad_b · columns_bᵀ`, shaped like the weight `[c_out, c_in, k, k]`. The batch is cut
+/// into one run of images per thread, each summed in place, then the runs are added in order.
+pub(super) fn conv_weight_grad(x: &FlexTensor, grad: &FlexTensor, kernel: usize) -> FlexTensor {
+    let [b, c_in, h, w] = dims4(x);
+    let c_out = dims4(grad)[1];
+    let (x, grad) = (contiguous(x), contiguous(grad));
+    let (src, dy) = (slice(&x), slice(&grad));
+    let (image, plane, rows) = (c_in * h * w, h * w, c_in * kernel * kernel);
+    let runs = rayon::current_num_threads().clamp(1, b.max(1));
+    let per_run = b.div_ceil(runs);
+    let parallel = !images_in_parallel(b);
+    let partial: Vec<Vec<f32>> = (0..runs)
+        .into_par_iter()
+        .map(|run| {
+            let mut acc = vec![0.0f32; c_out * rows];
+            for i in (run * per_run..b).take(per_run) {
+                let g = Mat::row_major(&dy[i * c_out * plane..][..c_out * plane], c_out, plane);
+                with_columns(&src[i * image..][..image], [c_in, h, w], kernel, |cols| {
+                    matmul(&mut acc, g, cols.t(), true, parallel)
+                });
+            }
+            acc
+        })
+        .collect();
+    let mut partial = partial.into_iter();
+    let mut sum = partial.next().unwrap_or_else(|| vec![0.0; c_out * rows]);
+    for part in partial {
+        for (s, p) in sum.iter_mut().zip(part) {
+            *s += p;
+        }
+    }
+    f32_tensor(sum, vec![c_out, c_in, kernel, kernel])
+}
+
+/// The input gradient: the convolution of the output gradient with the weight's in and out
+/// channels swapped and its kernel turned by 180° (padding 1 for 3×3, none for 1×1).
+pub(super) fn conv_input_grad(weight: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
+    let turned = Flex::float_flip(Flex::float_swap_dims(weight.clone(), 0, 1), &[2, 3]);
+    conv_forward(grad, &turned.to_contiguous(), None)
+}
+
+/// The gradient summed over batch and pixels: `[c_out]`.
+pub(super) fn conv_bias_grad(grad: &FlexTensor) -> FlexTensor {
+    let [b, c_out, h, w] = dims4(grad);
+    let g = Flex::float_reshape(grad.clone(), Shape::new([b, c_out, h * w]));
+    let summed = Flex::float_sum_dim(Flex::float_sum_dim(g, 2), 0);
+    Flex::float_reshape(summed, Shape::new([c_out]))
+}

@@ -1,0 +1,174 @@
+//! Matrix products through the `gemm` crate (the GEMM that flex's own matmul calls), writing
+//! into a caller's slice: the convolutions put each image's output straight into the batch
+//! tensor, on top of the bias, and sum weight gradients in place. `gemm::gemm` takes raw
+//! pointers; [`matmul`] checks every bound first, and this is the crate's only `unsafe` block.
+#![allow(unsafe_code)]
+
+/// A strided view of a float32 matrix: element `(i, j)` is `data[i · row_stride + j · col_stride]`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// `data` as a row-major `rows × cols` matrix.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose, as a view of the same data.
+    pub fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// Whether every element lies inside `data`, with strides that fit pointer offsets.
+    fn in_bounds(&self) -> bool {
+        let fits = |s: usize| s <= isize::MAX as usize;
+        if self.rows == 0 || self.cols == 0 {
+            return true;
+        }
+        fits(self.row_stride)
+            && fits(self.col_stride)
+            && (self.rows - 1)
+                .checked_mul(self.row_stride)
+                .zip((self.cols - 1).checked_mul(self.col_stride))
+                .and_then(|(a, b)| a.checked_add(b))
+                .is_some_and(|last| last < self.data.len())
+    }
+}
+
+/// `dst = lhs · rhs`, or `dst += lhs · rhs` with `accumulate`; `dst` is row-major
+/// `lhs.rows × rhs.cols`. `parallel` spreads the product over rayon's threads; callers that
+/// already run one product per thread pass `false`.
+///
+/// # Panics
+/// If the shapes disagree or a view reaches outside its slice.
+pub(crate) fn matmul(dst: &mut [f32], lhs: Mat, rhs: Mat, accumulate: bool, parallel: bool) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(rhs.rows, k, "matmul: inner dimensions {k} and {}", rhs.rows);
+    assert_eq!(dst.len(), m * n, "matmul: output of {m} × {n}");
+    assert!(
+        lhs.in_bounds() && rhs.in_bounds(),
+        "matmul: view out of bounds"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    let parallelism = if parallel {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: `dst` is an exclusively borrowed, contiguous row-major m × n buffer (checked
+    // length); `lhs` (m × k) and `rhs` (k × n) are shared borrows whose every element offset was
+    // checked to lie inside their slices, with strides that fit `isize`; f32 is one of the types
+    // `gemm::gemm` implements. The slices outlive the call, and `dst` cannot alias the inputs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            if accumulate { 1.0f32 } else { 0.0 },
+            1.0f32,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The product by definition, in f64.
+    fn naive(lhs: Mat, rhs: Mat) -> Vec<f64> {
+        let mut out = vec![0.0; lhs.rows * rhs.cols];
+        for i in 0..lhs.rows {
+            for j in 0..rhs.cols {
+                out[i * rhs.cols + j] = (0..lhs.cols)
+                    .map(|p| {
+                        let a = lhs.data[i * lhs.row_stride + p * lhs.col_stride] as f64;
+                        a * rhs.data[p * rhs.row_stride + j * rhs.col_stride] as f64
+                    })
+                    .sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matmul_matches_the_definition_for_strided_views_and_accumulation() {
+        let values = |n: usize, seed: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as f32 + seed) * 0.754_877).sin())
+                .collect()
+        };
+        let (m, k, n) = (37, 29, 70);
+        let a = values(m * k, 1.0);
+        let b = values(k * n, 2.0);
+        for (lhs, rhs) in [
+            (Mat::row_major(&a, m, k), Mat::row_major(&b, k, n)),
+            // The same data read as transposes: a (k × m)ᵀ and b (n × k)ᵀ.
+            (Mat::row_major(&a, k, m).t(), Mat::row_major(&b, n, k).t()),
+        ] {
+            let want = naive(lhs, rhs);
+            for parallel in [false, true] {
+                let mut dst = vec![f32::NAN; m * n];
+                matmul(&mut dst, lhs, rhs, false, parallel);
+                let mut twice = dst.clone();
+                matmul(&mut twice, lhs, rhs, true, parallel);
+                for ((&d, &t), &w) in dst.iter().zip(&twice).zip(&want) {
+                    assert!((d as f64 - w).abs() < 1e-5, "{d} vs {w}");
+                    assert!((t as f64 - 2.0 * w).abs() < 2e-5, "{t} vs 2 × {w}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "out of bounds")]
+    fn matmul_refuses_a_view_past_its_slice() {
+        let a = vec![1.0f32; 6];
+        let mut dst = vec![0.0f32; 4];
+        let lhs = Mat::row_major(&a, 2, 3);
+        let rhs = Mat {
+            row_stride: 3,
+            ..Mat::row_major(&a, 3, 2)
+        };
+        matmul(&mut dst, lhs, rhs, false, false);
+    }
+}
