@@ -15,13 +15,15 @@
 //!   computes `x / (1 + e^-x)` with a polynomial `exp` that the compiler vectorises (pulp picks
 //!   AVX2/AVX-512 at run time), large tensors are split across rayon's threads, and the backward
 //!   pass keeps only `x`. Measured in isolation by `ddpm bench --phases silu`.
-//! - Softmax over the last axis: flex has a fused forward kernel, but under autodiff burn splits
-//!   softmax into max, subtract, exp, sum and divide, each a single-threaded pass with its own
-//!   backward step. Here the forward is flex's fused kernel and the backward is one row-wise pass,
-//!   `y ⊙ (g − Σ g ⊙ y)`, from the saved output.
+//! - Multi-head attention ([`attention`]): per image and head, `q kᵀ`, the softmax and `· v` with
+//!   the score matrix in cache, reading and writing heads as strided column blocks of the
+//!   projections. burn's path splits heads with copies, writes every score matrix of the batch
+//!   out between the matmuls, scaling and softmax, and under autodiff decomposes the softmax into
+//!   five passes with their own backward steps. The backward pass here recomputes the weights
+//!   from each row's log-sum-exp rather than keeping them.
 //!
 //! Only float32 tensors on the flex device come here ([`super::conv_forward`], [`super::silu`],
-//! [`super::softmax_last`] and the UNet's GroupNorm check); every other backend and dtype keeps
+//! [`super::multi_head_attention`] and the UNet's GroupNorm check); every other backend and dtype keeps
 //! burn's own ops. Each op is tested against burn's, forward and every gradient.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -34,6 +36,7 @@ use burn::backend::{Autodiff, Backend, Flex, backend_extension};
 use burn::tensor::TensorData;
 use rayon::prelude::*;
 
+mod attention;
 mod conv;
 mod gemm;
 
@@ -43,8 +46,14 @@ mod gemm;
 pub trait FlexKernels: Backend {
     /// `x · sigmoid(x)`, element-wise.
     fn flex_silu(x: FloatTensor<Self>) -> FloatTensor<Self>;
-    /// Softmax over the last axis.
-    fn flex_softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Multi-head scaled dot-product attention, `softmax(q kᵀ / √d) v` per head: `q`, `k`, `v`
+    /// and the output are `[batch, len, heads · d]`.
+    fn flex_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self>;
     /// Stride-1 convolution with bias, 1×1 without padding or 3×3 with padding 1: `x`
     /// `[b, c_in, h, w]`, `weight` `[c_out, c_in, k, k]`, `bias` `[c_out]`.
     fn flex_conv(
@@ -67,8 +76,8 @@ impl FlexKernels for Flex {
         silu_forward(&x)
     }
 
-    fn flex_softmax_last(x: FlexTensor) -> FlexTensor {
-        softmax_forward(&x)
+    fn flex_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, heads: usize) -> FlexTensor {
+        attention::attention_forward(&q, &k, &v, heads).0
     }
 
     fn flex_conv(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
@@ -86,49 +95,18 @@ impl FlexKernels for Flex {
     }
 }
 
-/// The backward step of a one-input op whose gradient needs one saved tensor (its input or its
-/// output): `gradient(saved, grad)`.
+/// The backward step of SiLU, from its saved input.
 #[derive(Debug)]
-struct SavedTensorBackward(fn(&FlexTensor, &FlexTensor) -> FlexTensor);
+struct SiluBackward;
 
-impl Backward<Flex, 1> for SavedTensorBackward {
+impl Backward<Flex, 1> for SiluBackward {
     type State = FlexTensor;
 
     fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let saved = ops.state;
-        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| (self.0)(&saved, &grad));
-    }
-}
-
-/// Which tensor a one-input op keeps for its backward step.
-#[derive(Clone, Copy, Debug)]
-enum Save {
-    Input,
-    Output,
-}
-
-/// `forward(x)` under autodiff, keeping the input or the output for `gradient`.
-fn tracked_unary<C: CheckpointStrategy>(
-    x: FloatTensor<Autodiff<Flex, C>>,
-    forward: fn(&FlexTensor) -> FlexTensor,
-    gradient: fn(&FlexTensor, &FlexTensor) -> FlexTensor,
-    save: Save,
-) -> FloatTensor<Autodiff<Flex, C>> {
-    let (input, guard) = x.into_parts();
-    let output = forward(&input);
-    match SavedTensorBackward(gradient)
-        .prepare::<C>([guard])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => {
-            let saved = match save {
-                Save::Input => input,
-                Save::Output => output.clone(),
-            };
-            prep.finish(saved, output)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(output),
+        let x = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+            silu_backward(&x, &grad)
+        });
     }
 }
 
@@ -153,6 +131,42 @@ impl Backward<Flex, 3> for ConvBackward {
         }
         if let Some(node) = node_x {
             grads.register::<Flex>(node.id, conv::conv_input_grad(&weight, &grad));
+        }
+    }
+}
+
+/// What the attention backward step needs: `q`, `k`, `v`, each row's log-sum-exp and the
+/// head count.
+#[derive(Clone, Debug)]
+struct AttentionState {
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    lse: Vec<f32>,
+    heads: usize,
+}
+
+/// The backward step of attention.
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl Backward<Flex, 3> for AttentionBackward {
+    type State = AttentionState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node);
+        let AttentionState {
+            q,
+            k,
+            v,
+            lse,
+            heads,
+        } = ops.state;
+        let gradients = attention::attention_backward(&q, &k, &v, &lse, heads, &grad);
+        for (node, gradient) in ops.parents.into_iter().zip(gradients) {
+            if let Some(node) = node {
+                grads.register::<Flex>(node.id, gradient);
+            }
         }
     }
 }
@@ -192,11 +206,45 @@ impl Backward<Flex, 3> for GroupNormBackward {
 
 impl<C: CheckpointStrategy> FlexKernels for Autodiff<Flex, C> {
     fn flex_silu(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        tracked_unary::<C>(x, silu_forward, silu_backward, Save::Input)
+        let (input, guard) = x.into_parts();
+        let output = silu_forward(&input);
+        match SiluBackward
+            .prepare::<C>([guard])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(input, output),
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        }
     }
 
-    fn flex_softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        tracked_unary::<C>(x, softmax_forward, softmax_backward, Save::Output)
+    fn flex_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        let (q, guard_q) = q.into_parts();
+        let (k, guard_k) = k.into_parts();
+        let (v, guard_v) = v.into_parts();
+        let (output, lse) = attention::attention_forward(&q, &k, &v, heads);
+        match AttentionBackward
+            .prepare::<C>([guard_q, guard_k, guard_v])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                AttentionState {
+                    q,
+                    k,
+                    v,
+                    lse,
+                    heads,
+                },
+                output,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        }
     }
 
     fn flex_conv(
@@ -390,64 +438,6 @@ fn f32_tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(data, shape))
 }
 
-fn softmax_forward(x: &FlexTensor) -> FlexTensor {
-    let last = x.layout().shape().num_dims() - 1;
-    burn::backend::flex::ops::activation::softmax(x.clone(), last)
-}
-
-fn softmax_backward(y: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
-    let y = contiguous(y);
-    let grad = contiguous(grad);
-    let shape = y.layout().shape().clone();
-    let row = *shape
-        .last()
-        .expect("softmax of a tensor with at least one axis");
-    let ys = y.as_slice::<f32>().expect("float32 softmax output");
-    let gs = grad.as_slice::<f32>().expect("float32 gradient");
-    assert_eq!(ys.len(), gs.len(), "softmax gradient shape");
-    let mut out = vec![0.0f32; ys.len()];
-    // Whole rows per task, about CHUNK elements each (no rows at all for an empty last axis).
-    if let Some(rows_per_task) = CHUNK.checked_div(row) {
-        let task = rows_per_task.max(1) * row;
-        let kernel = |y: &[f32], g: &[f32], d: &mut [f32]| {
-            pulp::Arch::new().dispatch(|| {
-                for ((d, y), g) in d.chunks_mut(row).zip(y.chunks(row)).zip(g.chunks(row)) {
-                    softmax_grad_row(y, g, d)
-                }
-            })
-        };
-        if out.len() <= task {
-            kernel(ys, gs, &mut out);
-        } else {
-            out.par_chunks_mut(task)
-                .zip(ys.par_chunks(task).zip(gs.par_chunks(task)))
-                .for_each(|(d, (y, g))| kernel(y, g, d));
-        }
-    }
-    FlexTensor::from_data(TensorData::new(out, shape))
-}
-
-/// One row of the softmax backward pass.
-#[inline(always)]
-fn softmax_grad_row(y: &[f32], g: &[f32], out: &mut [f32]) {
-    // Eight partial sums so that the reduction vectorises.
-    let mut acc = [0.0f32; 8];
-    let (yc, yr) = y.split_at(y.len() / 8 * 8);
-    let (gc, gr) = g.split_at(yc.len());
-    for (y8, g8) in yc.chunks_exact(8).zip(gc.chunks_exact(8)) {
-        for i in 0..8 {
-            acc[i] += y8[i] * g8[i];
-        }
-    }
-    let mut dot: f32 = acc.iter().sum();
-    for (y, g) in yr.iter().zip(gr) {
-        dot += y * g;
-    }
-    for ((o, &y), &g) in out.iter_mut().zip(y).zip(g) {
-        *o = y * (g - dot);
-    }
-}
-
 /// Elements per parallel task: small tensors stay on the calling thread.
 const CHUNK: usize = 1 << 15;
 
@@ -604,21 +594,53 @@ mod tests {
     }
 
     #[test]
-    fn softmax_equals_burns_forward_and_backward() {
+    fn attention_equals_burns_forward_and_gradients() {
+        use crate::unet::layers::{multi_head_attention, multi_head_attention_ops};
+
         let device = Device::flex().autodiff();
-        // Rows of 50 (a tail after the 8-wide sums); 1200 rows make several parallel tasks.
-        let x = Tensor::cat(vec![input(&device).mul_scalar(0.5); 5], 0);
-        let w = x.clone().sin().detach();
-        let x1 = x.clone().detach().require_grad();
-        let ours = crate::unet::softmax_last(x1.clone());
-        let x2 = x.detach().require_grad();
-        let burns = burn::tensor::activation::softmax(x2.clone(), 3);
-        let diff = max_diff(ours.clone(), burns.clone());
-        assert!(diff <= 1e-6, "softmax max |diff| {diff}");
-        let g1 = x1.grad(&(ours * w.clone()).sum().backward()).unwrap();
-        let g2 = x2.grad(&(burns * w).sum().backward()).unwrap();
-        let diff = max_diff(Tensor::from_inner(g1), Tensor::from_inner(g2));
-        assert!(diff <= 1e-6, "gradient max |diff| {diff}");
+        let mut noise = crate::noise::SeededNoise::new(11);
+        // (batch, len, heads, head_dim): several images per thread, one image (each product
+        // spread over the threads), one head, and the bundled model's 14×14 level.
+        for (b, len, heads, d) in [
+            (3, 20, 2, 8),
+            (1, 196, 2, 32),
+            (4, 33, 1, 16),
+            (2, 49, 4, 4),
+        ] {
+            let shape = [b, len, heads * d];
+            let n = b * len * heads * d;
+            // Scaled so that some weights are near 1 and others near 0.
+            let mut tensor = || {
+                Tensor::<3>::from_data(TensorData::new(noise.sample_vec(n), shape), &device)
+                    .mul_scalar(2.0)
+            };
+            let (q, k, v, up) = (tensor(), tensor(), tensor(), tensor());
+            let run = |fast: bool| {
+                let [q, k, v] = [&q, &k, &v].map(|t| t.clone().detach().require_grad());
+                let y = if fast {
+                    multi_head_attention(q.clone(), k.clone(), v.clone(), heads)
+                } else {
+                    multi_head_attention_ops(q.clone(), k.clone(), v.clone(), heads)
+                };
+                let grads = (y.clone() * up.clone()).sum().backward();
+                let grad = |t: &Tensor<3>| Tensor::<3>::from_inner(t.grad(&grads).unwrap());
+                [y.clone(), grad(&q), grad(&k), grad(&v)]
+            };
+            let ours = run(true);
+            let burns = run(false);
+            for (name, (a, r)) in ["output", "q gradient", "k gradient", "v gradient"]
+                .iter()
+                .zip(ours.into_iter().zip(burns))
+            {
+                let scale = r.clone().abs().max().into_scalar::<f32>().max(1.0);
+                let (a, r) = (a.unsqueeze::<4>(), r.unsqueeze::<4>());
+                let diff = max_diff(a, r);
+                assert!(
+                    diff <= 1e-5 * scale,
+                    "b {b}, len {len}, {heads} × {d}: {name} max |diff| {diff} (scale {scale})"
+                );
+            }
+        }
     }
 
     #[test]

@@ -37,18 +37,43 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     burn::tensor::activation::silu(x)
 }
 
-/// Softmax over the last axis (the attention weights): burn's, except for float32 tensors on
-/// burn's CPU backend, which take [`super::flex_kernels`]' fused backward pass when it is
-/// compiled in (feature `flex-kernels`).
-pub fn softmax_last<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+/// Multi-head scaled dot-product attention, `softmax(q kᵀ / √head_dim) v` for each head: burn's
+/// ops, except for float32 tensors on burn's CPU backend, which take [`super::flex_kernels`]'
+/// fused kernel when it is compiled in (feature `flex-kernels`).
+///
+/// # Shapes
+/// - q, k, v: `[batch, len, heads · head_dim]`, heads side by side; output: the same
+pub fn multi_head_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tensor<3> {
     #[cfg(feature = "flex-kernels")]
-    if on_flex_f32(&x) {
+    if on_flex_f32(&q) {
         use super::flex_kernels::FlexKernels;
-        return Tensor::from_dispatch(<burn::backend::Dispatch as FlexKernels>::flex_softmax_last(
-            x.into_dispatch(),
+        return Tensor::from_dispatch(<burn::backend::Dispatch as FlexKernels>::flex_attention(
+            q.into_dispatch(),
+            k.into_dispatch(),
+            v.into_dispatch(),
+            heads,
         ));
     }
-    burn::tensor::activation::softmax(x, D - 1)
+    multi_head_attention_ops(q, k, v, heads)
+}
+
+/// [`multi_head_attention`] in burn's tensor ops: heads split into their own axis, the score
+/// matrices, softmax, and heads merged back.
+pub(crate) fn multi_head_attention_ops(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    heads: usize,
+) -> Tensor<3> {
+    let [batch, len, inner] = q.dims();
+    let head_dim = inner / heads;
+    let split = |t: Tensor<3>| t.reshape([batch, len, heads, head_dim]).swap_dims(1, 2);
+    let (q, k, v) = (split(q), split(k), split(v)); // [batch, heads, len, head_dim]
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale); // [batch, heads, len, len]
+    let weights = burn::tensor::activation::softmax(scores, 3);
+    let out = weights.matmul(v); // [batch, heads, len, head_dim]
+    out.swap_dims(1, 2).reshape([batch, len, inner])
 }
 
 /// `conv.forward(x)`, except that stride-1 convolutions with bias, 3×3 with padding 1 or 1×1
@@ -342,7 +367,6 @@ impl Attention {
     /// - x: `[batch, channels, h, w]`, output: the same
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [batch, channels, height, width] = x.dims();
-        let (heads, head_dim) = (self.heads, self.head_dim);
         let len = height * width;
         let residual = x.clone();
         let x = match &self.group_norm {
@@ -350,15 +374,10 @@ impl Attention {
             None => x,
         };
         let x = x.reshape([batch, channels, len]).swap_dims(1, 2); // [batch, len, channels]
-        let split = |t: Tensor<3>| t.reshape([batch, len, heads, head_dim]).swap_dims(1, 2);
-        let q = split(self.to_q.forward(x.clone())); // [batch, heads, len, head_dim]
-        let k = split(self.to_k.forward(x.clone())); // [batch, heads, len, head_dim]
-        let v = split(self.to_v.forward(x)); // [batch, heads, len, head_dim]
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale); // [batch, heads, len, len]
-        let weights = softmax_last(scores);
-        let out = weights.matmul(v); // [batch, heads, len, head_dim]
-        let out = out.swap_dims(1, 2).reshape([batch, len, heads * head_dim]);
+        let q = self.to_q.forward(x.clone()); // [batch, len, heads · head_dim]
+        let k = self.to_k.forward(x.clone());
+        let v = self.to_v.forward(x);
+        let out = multi_head_attention(q, k, v, self.heads);
         let out = self.to_out[0].forward(out); // [batch, len, channels]
         let out = out
             .swap_dims(1, 2)

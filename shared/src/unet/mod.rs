@@ -13,8 +13,8 @@ mod layers;
 pub use blocks::{DownBlock, MidBlock, UpBlock};
 pub use config::{DownBlockType, TimeScaleShift, UNetConfig, UpBlockType};
 pub use layers::{
-    Attention, Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, conv_forward, silu,
-    softmax_last, timestep_embedding, timestep_frequencies,
+    Attention, Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, conv_forward,
+    multi_head_attention, silu, timestep_embedding, timestep_frequencies,
 };
 
 use burn::module::Module;

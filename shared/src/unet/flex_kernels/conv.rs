@@ -15,7 +15,7 @@ use burn::backend::ops::FloatTensorOps;
 use burn::tensor::Shape;
 use rayon::prelude::*;
 
-use super::gemm::{Mat, matmul};
+use super::gemm::{Mat, MatMut, matmul};
 use super::{contiguous, dims4, f32_tensor};
 
 thread_local! {
@@ -118,7 +118,13 @@ pub(super) fn conv_forward(
             }
         }
         with_columns(&src[i * image..][..image], [c_in, h, w], kernel, |cols| {
-            matmul(dst, weight, cols, bias.is_some(), parallel)
+            matmul(
+                MatMut::row_major(dst, c_out, plane),
+                weight,
+                cols,
+                bias.is_some(),
+                parallel,
+            )
         });
     };
     if c_out * plane > 0 {
@@ -153,7 +159,13 @@ pub(super) fn conv_weight_grad(x: &FlexTensor, grad: &FlexTensor, kernel: usize)
             for i in (run * per_run..b).take(per_run) {
                 let g = Mat::row_major(&dy[i * c_out * plane..][..c_out * plane], c_out, plane);
                 with_columns(&src[i * image..][..image], [c_in, h, w], kernel, |cols| {
-                    matmul(&mut acc, g, cols.t(), true, parallel)
+                    matmul(
+                        MatMut::row_major(&mut acc, c_out, rows),
+                        g,
+                        cols.t(),
+                        true,
+                        parallel,
+                    )
                 });
             }
             acc

@@ -53,18 +53,54 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// `dst = lhs · rhs`, or `dst += lhs · rhs` with `accumulate`; `dst` is row-major
-/// `lhs.rows × rhs.cols`. `parallel` spreads the product over rayon's threads; callers that
-/// already run one product per thread pass `false`.
+/// A writable matrix with rows `row_stride` apart: element `(i, j)` is
+/// `data[i · row_stride + j]`, as a block of columns inside a wider row-major matrix.
+#[derive(Debug)]
+pub(crate) struct MatMut<'a> {
+    pub data: &'a mut [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+}
+
+impl<'a> MatMut<'a> {
+    /// `data` as a row-major `rows × cols` matrix.
+    pub fn row_major(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+        }
+    }
+
+    /// Whether the rows lie inside `data` without overlapping each other.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.row_stride >= self.cols
+                && self.row_stride <= isize::MAX as usize
+                && (self.rows - 1)
+                    .checked_mul(self.row_stride)
+                    .and_then(|a| a.checked_add(self.cols))
+                    .is_some_and(|end| end <= self.data.len()))
+    }
+}
+
+/// `dst = lhs · rhs`, or `dst += lhs · rhs` with `accumulate`. `parallel` spreads the product over
+/// rayon's threads; callers that already run one product per thread pass `false`.
 ///
 /// # Panics
 /// If the shapes disagree or a view reaches outside its slice.
-pub(crate) fn matmul(dst: &mut [f32], lhs: Mat, rhs: Mat, accumulate: bool, parallel: bool) {
+pub(crate) fn matmul(dst: MatMut, lhs: Mat, rhs: Mat, accumulate: bool, parallel: bool) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.rows, k, "matmul: inner dimensions {k} and {}", rhs.rows);
-    assert_eq!(dst.len(), m * n, "matmul: output of {m} × {n}");
     assert!(
-        lhs.in_bounds() && rhs.in_bounds(),
+        dst.rows == m && dst.cols == n,
+        "matmul: output of {m} × {n}"
+    );
+    assert!(
+        dst.in_bounds() && lhs.in_bounds() && rhs.in_bounds(),
         "matmul: view out of bounds"
     );
     if m == 0 || n == 0 {
@@ -72,7 +108,9 @@ pub(crate) fn matmul(dst: &mut [f32], lhs: Mat, rhs: Mat, accumulate: bool, para
     }
     if k == 0 {
         if !accumulate {
-            dst.fill(0.0);
+            for row in dst.data.chunks_mut(dst.row_stride).take(m) {
+                row[..n].fill(0.0);
+            }
         }
         return;
     }
@@ -81,18 +119,19 @@ pub(crate) fn matmul(dst: &mut [f32], lhs: Mat, rhs: Mat, accumulate: bool, para
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: `dst` is an exclusively borrowed, contiguous row-major m × n buffer (checked
-    // length); `lhs` (m × k) and `rhs` (k × n) are shared borrows whose every element offset was
-    // checked to lie inside their slices, with strides that fit `isize`; f32 is one of the types
-    // `gemm::gemm` implements. The slices outlive the call, and `dst` cannot alias the inputs.
+    // SAFETY: `dst` is an exclusively borrowed m × n matrix whose rows were checked to lie inside
+    // its slice without overlapping; `lhs` (m × k) and `rhs` (k × n) are shared borrows whose
+    // every element offset was checked to lie inside their slices; all strides fit `isize`; f32
+    // is one of the types `gemm::gemm` implements. The slices outlive the call, and `dst` cannot
+    // alias the inputs.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.data.as_mut_ptr(),
             1,
-            n as isize,
+            dst.row_stride as isize,
             accumulate,
             lhs.data.as_ptr(),
             lhs.col_stride as isize,
@@ -148,15 +187,47 @@ mod tests {
             let want = naive(lhs, rhs);
             for parallel in [false, true] {
                 let mut dst = vec![f32::NAN; m * n];
-                matmul(&mut dst, lhs, rhs, false, parallel);
-                let mut twice = dst.clone();
-                matmul(&mut twice, lhs, rhs, true, parallel);
+                matmul(MatMut::row_major(&mut dst, m, n), lhs, rhs, false, parallel);
+                // The same product into the right-hand columns of a wider matrix, twice.
+                let mut wide = vec![1.0f32; m * (n + 3)];
+                fn columns(wide: &mut [f32], m: usize, n: usize) -> MatMut<'_> {
+                    MatMut {
+                        data: &mut wide[3..],
+                        rows: m,
+                        cols: n,
+                        row_stride: n + 3,
+                    }
+                }
+                matmul(columns(&mut wide, m, n), lhs, rhs, false, parallel);
+                matmul(columns(&mut wide, m, n), lhs, rhs, true, parallel);
+                let twice: Vec<f32> = wide.chunks(n + 3).flat_map(|r| r[3..].to_vec()).collect();
+                assert!(wide.chunks(n + 3).all(|r| r[..3] == [1.0; 3]));
                 for ((&d, &t), &w) in dst.iter().zip(&twice).zip(&want) {
                     assert!((d as f64 - w).abs() < 1e-5, "{d} vs {w}");
                     assert!((t as f64 - 2.0 * w).abs() < 2e-5, "{t} vs 2 × {w}");
                 }
             }
         }
+    }
+
+    #[test]
+    #[should_panic(expected = "out of bounds")]
+    fn matmul_refuses_overlapping_output_rows() {
+        let a = vec![1.0f32; 4];
+        let mut dst = vec![0.0f32; 4];
+        let out = MatMut {
+            data: &mut dst,
+            rows: 2,
+            cols: 2,
+            row_stride: 1,
+        };
+        matmul(
+            out,
+            Mat::row_major(&a, 2, 2),
+            Mat::row_major(&a, 2, 2),
+            false,
+            false,
+        );
     }
 
     #[test]
@@ -169,6 +240,6 @@ mod tests {
             row_stride: 3,
             ..Mat::row_major(&a, 3, 2)
         };
-        matmul(&mut dst, lhs, rhs, false, false);
+        matmul(MatMut::row_major(&mut dst, 2, 2), lhs, rhs, false, false);
     }
 }
