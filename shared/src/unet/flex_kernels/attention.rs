@@ -146,7 +146,11 @@ pub(super) fn attention_forward(
                             parallel,
                         );
                         let lse = &mut lse[h * len..][..len];
-                        pulp::Arch::new().dispatch(|| softmax_rows(scores, g.scale, lse));
+                        pulp::Arch::new().dispatch(SoftmaxRows {
+                            scores: &mut *scores,
+                            scale: g.scale,
+                            lse,
+                        });
                         let weights = Mat::row_major(scores, len, len);
                         matmul(g.view_mut(out, h), weights, g.view(vi, h), false, parallel);
                     }
@@ -193,7 +197,11 @@ pub(super) fn attention_backward(
                         (g.view(qi, h), g.view(ki, h), g.view(vi, h), g.view(doi, h));
                     let lse = &lse[(i * g.heads + h) * len..][..len];
                     matmul(MatMut::row_major(w, len, len), qh, kh.t(), false, parallel);
-                    pulp::Arch::new().dispatch(|| weights_from_lse(w, g.scale, lse));
+                    pulp::Arch::new().dispatch(WeightsFromLse {
+                        scores: &mut *w,
+                        scale: g.scale,
+                        lse,
+                    });
                     let weights = Mat::row_major(w, len, len);
                     matmul(g.view_mut(dv, h), weights.t(), doh, false, parallel);
                     matmul(
@@ -203,7 +211,12 @@ pub(super) fn attention_backward(
                         false,
                         parallel,
                     );
-                    pulp::Arch::new().dispatch(|| score_grad_rows(w, dw, g.scale, len));
+                    pulp::Arch::new().dispatch(ScoreGradRows {
+                        w: &*w,
+                        dw: &mut *dw,
+                        scale: g.scale,
+                        len,
+                    });
                     let ds = Mat::row_major(dw, len, len);
                     matmul(g.view_mut(dq, h), ds, kh, false, parallel);
                     matmul(g.view_mut(dk, h), ds.t(), qh, false, parallel);
@@ -232,44 +245,50 @@ fn sum8(n: usize, f: impl Fn(usize) -> f32) -> f32 {
     acc.iter().sum::<f32>() + (body..n).map(f).sum::<f32>()
 }
 
-/// Each row of `scores` (`lse.len()` rows) becomes `softmax(scale · row)`; `lse` gets
-/// `log Σ exp(scale · row)`.
-#[inline(always)]
-fn softmax_rows(scores: &mut [f32], scale: f32, lse: &mut [f32]) {
-    let len = scores.len() / lse.len().max(1);
-    for (row, lse) in scores.chunks_mut(len).zip(lse) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
-        for s in row.iter_mut() {
-            *s = exp(*s * scale - max);
-        }
-        let sum = sum8(len, |j| row[j]);
-        let inv = 1.0 / sum;
-        for s in row.iter_mut() {
-            *s *= inv;
-        }
-        *lse = max + sum.ln();
-    }
-}
-
-/// The softmax weights again from the scores and each row's log-sum-exp.
-#[inline(always)]
-fn weights_from_lse(scores: &mut [f32], scale: f32, lse: &[f32]) {
-    let len = scores.len() / lse.len().max(1);
-    for (row, &lse) in scores.chunks_mut(len).zip(lse) {
-        for s in row.iter_mut() {
-            *s = exp(*s * scale - lse);
+simd_kernel! {
+    /// Each row of `scores` (`lse.len()` rows) becomes `softmax(scale · row)`; `lse` gets
+    /// `log Σ exp(scale · row)`.
+    struct SoftmaxRows<'a> { scores: &'a mut [f32], scale: f32, lse: &'a mut [f32] } -> () {
+        let len = scores.len() / lse.len().max(1);
+        for (row, lse) in scores.chunks_mut(len).zip(lse) {
+            let mut max = f32::NEG_INFINITY;
+            for &s in row.iter() {
+                max = max.max(s * scale);
+            }
+            for s in row.iter_mut() {
+                *s = exp(*s * scale - max);
+            }
+            let sum = sum8(len, |j| row[j]);
+            let inv = 1.0 / sum;
+            for s in row.iter_mut() {
+                *s *= inv;
+            }
+            *lse = max + sum.ln();
         }
     }
 }
 
-/// The chain rule through the scaled softmax, row by row, in place in `dw`:
-/// `dS = scale · W ⊙ (dW − Σ dW ⊙ W)`.
-#[inline(always)]
-fn score_grad_rows(w: &[f32], dw: &mut [f32], scale: f32, len: usize) {
-    for (w, d) in w.chunks(len).zip(dw.chunks_mut(len)) {
-        let dot = sum8(len, |j| w[j] * d[j]);
-        for (d, &w) in d.iter_mut().zip(w) {
-            *d = scale * w * (*d - dot);
+simd_kernel! {
+    /// The softmax weights again from the scores and each row's log-sum-exp.
+    struct WeightsFromLse<'a> { scores: &'a mut [f32], scale: f32, lse: &'a [f32] } -> () {
+        let len = scores.len() / lse.len().max(1);
+        for (row, &lse) in scores.chunks_mut(len).zip(lse) {
+            for s in row.iter_mut() {
+                *s = exp(*s * scale - lse);
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// The chain rule through the scaled softmax, row by row, in place in `dw`:
+    /// `dS = scale · W ⊙ (dW − Σ dW ⊙ W)`.
+    struct ScoreGradRows<'a> { w: &'a [f32], dw: &'a mut [f32], scale: f32, len: usize } -> () {
+        for (w, d) in w.chunks(len).zip(dw.chunks_mut(len)) {
+            let dot = sum8(len, |j| w[j] * d[j]);
+            for (d, &w) in d.iter_mut().zip(w) {
+                *d = scale * w * (*d - dot);
+            }
         }
     }
 }
