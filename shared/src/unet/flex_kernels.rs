@@ -503,8 +503,7 @@ simd_kernel! {
             mean_gx += gamma[ci] as f64 * s_dyx / n;
         }
         let (mean_g, mean_gx) = (mean_g as f32, mean_gx as f32);
-        for ci in 0..gamma.len() {
-            let g = gamma[ci];
+        for (ci, &g) in gamma.iter().enumerate() {
             let range = ci * plane..(ci + 1) * plane;
             let (x, dy) = (&src[range.clone()], &dy[range.clone()]);
             for ((d, &x), &dy) in dst[range].iter_mut().zip(x).zip(dy) {
