@@ -251,10 +251,20 @@ simd_kernel! {
     struct SoftmaxRows<'a> { scores: &'a mut [f32], scale: f32, lse: &'a mut [f32] } -> () {
         let len = scores.len() / lse.len().max(1);
         for (row, lse) in scores.chunks_mut(len).zip(lse) {
-            let mut max = f32::NEG_INFINITY;
-            for &s in row.iter() {
-                max = max.max(s * scale);
+            // Sixteen lanes, and a comparison rather than `f32::max` (whose NaN rule keeps the
+            // loop scalar); the scale is positive, so max(scale · s) = scale · max(s).
+            let mut lanes = [f32::NEG_INFINITY; 16];
+            let split = len / 16 * 16;
+            for base in (0..split).step_by(16) {
+                for (m, &s) in lanes.iter_mut().zip(&row[base..base + 16]) {
+                    *m = if s > *m { s } else { *m };
+                }
             }
+            let mut max = f32::NEG_INFINITY;
+            for &s in lanes.iter().chain(&row[split..]) {
+                max = if s > max { s } else { max };
+            }
+            let max = max * scale;
             for s in row.iter_mut() {
                 *s = exp(*s * scale - max);
             }
