@@ -59,30 +59,47 @@ fn with_columns<R>(
 /// `y · w + x`. Row order matches the weight's `[c_out, c_in, 3, 3]` layout, so the convolution
 /// is `weight · columns`.
 fn im2col3x3(src: &[f32], [c, h, w]: [usize; 3], cols: &mut Vec<f32>) {
-    let plane = h * w;
-    // Written front to back in one pass, without zero-filling first.
-    cols.clear();
-    cols.reserve(c * 9 * plane);
-    for src in src.chunks(plane).take(c) {
-        for ky in 0..3 {
-            for kx in 0..3 {
-                for oy in 0..h {
-                    let iy = oy + ky;
+    // Every element is written below: resizing only zero-fills when the buffer grows.
+    cols.resize(c * 9 * h * w, 0.0);
+    if h * w == 0 {
+        return;
+    }
+    pulp::Arch::new().dispatch(Im2col3x3 {
+        src,
+        dims: [c, h, w],
+        cols,
+    });
+}
+
+simd_kernel! {
+    /// [`im2col3x3`]'s loops. Each input row is read once and written to its three shifted
+    /// copies in one loop: row-by-row `copy_from_slice` made one `memcpy` call per 28 floats,
+    /// 16 million calls in one sampling run at batch 64.
+    struct Im2col3x3<'a> { src: &'a [f32], dims: [usize; 3], cols: &'a mut [f32] } -> () {
+        let [c, h, w] = dims;
+        let plane = h * w;
+        for (src, rows) in src.chunks_exact(plane).zip(cols.chunks_exact_mut(9 * plane)).take(c) {
+            for (ky, rows) in rows.chunks_exact_mut(3 * plane).enumerate() {
+                let (d0, rest) = rows.split_at_mut(plane);
+                let (d1, d2) = rest.split_at_mut(plane);
+                let shifted = d0.chunks_exact_mut(w).zip(d1.chunks_exact_mut(w)).zip(d2.chunks_exact_mut(w));
+                for (oy, ((r0, r1), r2)) in shifted.enumerate() {
+                    let iy = oy + ky; // in padded coordinates
                     if iy < 1 || iy > h {
-                        cols.resize(cols.len() + w, 0.0); // a padding row
+                        r0.fill(0.0);
+                        r1.fill(0.0);
+                        r2.fill(0.0);
                         continue;
                     }
-                    let src_row = &src[(iy - 1) * w..iy * w];
-                    match kx {
-                        0 => {
-                            cols.push(0.0);
-                            cols.extend_from_slice(&src_row[..w - 1]);
-                        }
-                        1 => cols.extend_from_slice(src_row),
-                        _ => {
-                            cols.extend_from_slice(&src_row[1..]);
-                            cols.push(0.0);
-                        }
+                    let s = &src[(iy - 1) * w..iy * w];
+                    r0[0] = 0.0;
+                    r1[w - 1] = s[w - 1];
+                    r2[w - 1] = 0.0;
+                    let body = r0[1..].iter_mut().zip(&mut r1[..w - 1]).zip(&mut r2[..w - 1]);
+                    for (((a, b), c), (&s0, &s1)) in body.zip(s.iter().zip(&s[1..])) {
+                        *a = s0;
+                        *b = s0;
+                        *c = s1;
                     }
                 }
             }
