@@ -90,13 +90,13 @@ pub trait FlexKernels: Backend {
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
-    /// GroupNorm with a per-channel scale `gamma` and shift `beta` (`[c]`) over `x` `[b, c, h, w]`.
+    /// GroupNorm with a per-channel scale `gamma` and shift `beta` (`[c]`) over `x`
+    /// `[b, c, h, w]`, followed by SiLU in the same pass when `silu` is set.
     fn flex_group_norm(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
-        groups: usize,
-        epsilon: f64,
+        norm: GroupNormSpec,
     ) -> FloatTensor<Self>;
 }
 
@@ -117,10 +117,9 @@ impl FlexKernels for Flex {
         x: FlexTensor,
         gamma: FlexTensor,
         beta: FlexTensor,
-        groups: usize,
-        epsilon: f64,
+        norm: GroupNormSpec,
     ) -> FlexTensor {
-        group_norm_forward(&x, &gamma, &beta, groups, epsilon).0
+        group_norm_forward(&x, &gamma, &beta, norm).0
     }
 }
 
@@ -200,13 +199,25 @@ impl Backward<Flex, 3> for AttentionBackward {
     }
 }
 
-/// What the GroupNorm backward step needs: the input, gamma, the group count and each
+/// A GroupNorm's settings: group count, epsilon, and whether SiLU follows in the same pass.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GroupNormSpec {
+    /// Channel groups; they divide the channel count.
+    pub groups: usize,
+    /// Added to the variance.
+    pub epsilon: f64,
+    /// Apply SiLU to the normalised output.
+    pub silu: bool,
+}
+
+/// What the GroupNorm backward step needs: the input, gamma and beta, the settings and each
 /// (image, group)'s mean and 1/σ.
 #[derive(Clone, Debug)]
 struct GroupNormState {
     x: FlexTensor,
     gamma: FlexTensor,
-    groups: usize,
+    beta: FlexTensor,
+    norm: GroupNormSpec,
     stats: Vec<[f32; 2]>,
 }
 
@@ -299,13 +310,12 @@ impl<C: CheckpointStrategy> FlexKernels for Autodiff<Flex, C> {
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
-        groups: usize,
-        epsilon: f64,
+        norm: GroupNormSpec,
     ) -> FloatTensor<Self> {
         let (x, guard_x) = x.into_parts();
         let (gamma, guard_gamma) = gamma.into_parts();
         let (beta, guard_beta) = beta.into_parts();
-        let (output, stats) = group_norm_forward(&x, &gamma, &beta, groups, epsilon);
+        let (output, stats) = group_norm_forward(&x, &gamma, &beta, norm);
         match GroupNormBackward
             .prepare::<C>([guard_x, guard_gamma, guard_beta])
             .compute_bound()
@@ -315,7 +325,8 @@ impl<C: CheckpointStrategy> FlexKernels for Autodiff<Flex, C> {
                 GroupNormState {
                     x,
                     gamma,
-                    groups,
+                    beta,
+                    norm,
                     stats,
                 },
                 output,
@@ -326,15 +337,19 @@ impl<C: CheckpointStrategy> FlexKernels for Autodiff<Flex, C> {
 }
 
 /// GroupNorm, one (image, group) block per task: mean and variance in two passes over the
-/// cache-hot block, then `x · scale + shift` per channel. Returns the output and each block's
-/// mean and 1/σ.
+/// cache-hot block, then `x · scale + shift` per channel (and SiLU). Returns the output and each
+/// block's mean and 1/σ.
 fn group_norm_forward(
     x: &FlexTensor,
     gamma: &FlexTensor,
     beta: &FlexTensor,
-    groups: usize,
-    epsilon: f64,
+    norm: GroupNormSpec,
 ) -> (FlexTensor, Vec<[f32; 2]>) {
+    let GroupNormSpec {
+        groups,
+        epsilon,
+        silu,
+    } = norm;
     let [b, c, h, w] = dims4(x);
     let x = contiguous(x);
     let (gamma, beta) = (contiguous(gamma), contiguous(beta));
@@ -361,6 +376,7 @@ fn group_norm_forward(
                 beta: &beta[channels],
                 plane,
                 epsilon,
+                silu,
             })
         })
         .collect();
@@ -369,7 +385,7 @@ fn group_norm_forward(
 
 simd_kernel! {
     /// One (image, group) block of GroupNorm: its mean and 1/σ, and `dst = x · scale + shift` per
-    /// channel.
+    /// channel, or SiLU of that.
     struct GroupNormBlock<'a> {
         src: &'a [f32],
         dst: &'a mut [f32],
@@ -377,6 +393,7 @@ simd_kernel! {
         beta: &'a [f32],
         plane: usize,
         epsilon: f64,
+        silu: bool,
     } -> [f32; 2] {
         let n = src.len() as f64;
         let mean = sum_f64(src, |v| v as f64) / n;
@@ -390,8 +407,14 @@ simd_kernel! {
             let shift = beta[ci] as f64 - mean * scale;
             let (scale, shift) = (scale as f32, shift as f32);
             let range = ci * plane..(ci + 1) * plane;
-            for (d, &s) in dst[range.clone()].iter_mut().zip(&src[range]) {
+            let dst = &mut dst[range.clone()];
+            for (d, &s) in dst.iter_mut().zip(&src[range]) {
                 *d = s * scale + shift;
+            }
+            if silu {
+                for d in dst.iter_mut() {
+                    *d /= 1.0 + exp(-*d);
+                }
             }
         }
         [mean as f32, rstd as f32]
@@ -420,12 +443,13 @@ fn group_norm_backward(
 ) -> (FlexTensor, FlexTensor, FlexTensor) {
     let [b, c, h, w] = dims4(&state.x);
     let x = contiguous(&state.x);
-    let gamma = contiguous(&state.gamma);
+    let (gamma, beta) = (contiguous(&state.gamma), contiguous(&state.beta));
     let grad = contiguous(grad);
     let src = x.as_slice::<f32>().expect("float32 GroupNorm input");
     let gamma = gamma.as_slice::<f32>().expect("float32 gamma");
+    let beta = beta.as_slice::<f32>().expect("float32 beta");
     let dy = grad.as_slice::<f32>().expect("float32 gradient");
-    let groups = state.groups;
+    let groups = state.norm.groups;
     let plane = h * w;
     let per_group = c / groups;
     let block = per_group * plane;
@@ -440,14 +464,16 @@ fn group_norm_backward(
             .zip(sums.par_chunks_mut(per_group))
             .enumerate()
             .for_each(|(i, ((dst, (src, dy)), sums))| {
-                let first = (i % groups) * per_group;
+                let channels = (i % groups) * per_group..(i % groups + 1) * per_group;
                 pulp::Arch::new().dispatch(GroupNormGradBlock {
                     src,
                     dy,
                     dst,
-                    gamma: &gamma[first..first + per_group],
+                    gamma: &gamma[channels.clone()],
+                    beta: &beta[channels],
                     plane,
                     stats: state.stats[i],
+                    silu: state.norm.silu,
                     sums,
                 })
             });
@@ -466,22 +492,42 @@ fn group_norm_backward(
 
 simd_kernel! {
     /// One (image, group) block of GroupNorm's backward pass: `dst` gets the input gradient and
-    /// `sums` each channel's `Σ dy` and `Σ dy · x̂`.
+    /// `sums` each channel's `Σ dy` and `Σ dy · x̂`. With `silu`, `dy` is first taken through SiLU
+    /// at the normalised values, recomputed as in the forward pass.
     struct GroupNormGradBlock<'a> {
         src: &'a [f32],
         dy: &'a [f32],
         dst: &'a mut [f32],
         gamma: &'a [f32],
+        beta: &'a [f32],
         plane: usize,
         stats: [f32; 2],
+        silu: bool,
         sums: &'a mut [[f64; 2]],
     } -> () {
         let [mean, rstd] = stats;
         let n = src.len() as f64;
+        // `dst` first holds the gradient at the GroupNorm output.
+        if silu {
+            for ci in 0..gamma.len() {
+                let scale = gamma[ci] as f64 * rstd as f64;
+                let shift = beta[ci] as f64 - mean as f64 * scale;
+                let (scale, shift) = (scale as f32, shift as f32);
+                let range = ci * plane..(ci + 1) * plane;
+                let (x, g) = (&src[range.clone()], &dy[range.clone()]);
+                for ((d, &x), &g) in dst[range].iter_mut().zip(x).zip(g) {
+                    let y = x * scale + shift;
+                    let s = 1.0 / (1.0 + exp(-y));
+                    *d = g * s * (1.0 + y * (1.0 - s));
+                }
+            }
+        } else {
+            dst.copy_from_slice(dy);
+        }
         let (mut mean_g, mut mean_gx) = (0.0f64, 0.0f64);
         for ci in 0..gamma.len() {
             let range = ci * plane..(ci + 1) * plane;
-            let (x, g) = (&src[range.clone()], &dy[range]);
+            let (x, g) = (&src[range.clone()], &dst[range]);
             let s_dy = sum_f64(g, |g| g as f64);
             let mut acc = [0.0f64; 8];
             let split = x.len() / 8 * 8;
@@ -505,10 +551,9 @@ simd_kernel! {
         let (mean_g, mean_gx) = (mean_g as f32, mean_gx as f32);
         for (ci, &g) in gamma.iter().enumerate() {
             let range = ci * plane..(ci + 1) * plane;
-            let (x, dy) = (&src[range.clone()], &dy[range.clone()]);
-            for ((d, &x), &dy) in dst[range].iter_mut().zip(x).zip(dy) {
+            for (d, &x) in dst[range.clone()].iter_mut().zip(&src[range]) {
                 let xhat = (x - mean) * rstd;
-                *d = (dy * g - mean_g - xhat * mean_gx) * rstd;
+                *d = (*d * g - mean_g - xhat * mean_gx) * rstd;
             }
         }
     }
@@ -830,33 +875,40 @@ mod tests {
             TensorData::new(noise.sample_vec(b * c * h * w), [b, c, h, w]),
             &device,
         );
-        let run = |fast: bool| {
-            let norm = norm.clone().fork(&device);
-            let x = x.clone().detach().require_grad();
-            let y = if fast {
-                crate::unet::layers::group_norm_forward(&norm, x.clone())
-            } else {
-                norm.forward(x.clone())
+        // Plain, and followed by SiLU in the same pass.
+        for silu in [false, true] {
+            let run = |fast: bool| {
+                let norm = norm.clone().fork(&device);
+                let x = x.clone().detach().require_grad();
+                let y = match (fast, silu) {
+                    (true, false) => crate::unet::layers::group_norm_forward(&norm, x.clone()),
+                    (true, true) => crate::unet::layers::group_norm_silu(&norm, x.clone()),
+                    (false, false) => norm.forward(x.clone()),
+                    (false, true) => burn::tensor::activation::silu(norm.forward(x.clone())),
+                };
+                let grads = (y.clone() * up.clone()).sum().backward();
+                let gx = Tensor::<4>::from_inner(x.grad(&grads).unwrap());
+                let grad_of = |p: &Option<Param<Tensor<1>>>| {
+                    let g = p.as_ref().unwrap().val().grad(&grads).unwrap();
+                    Tensor::<1>::from_inner(g).reshape([1, 1, 1, c])
+                };
+                (y, gx, grad_of(&norm.gamma), grad_of(&norm.beta))
             };
-            let grads = (y.clone() * up.clone()).sum().backward();
-            let gx = Tensor::<4>::from_inner(x.grad(&grads).unwrap());
-            let grad_of = |p: &Option<Param<Tensor<1>>>| {
-                let g = p.as_ref().unwrap().val().grad(&grads).unwrap();
-                Tensor::<1>::from_inner(g).reshape([1, 1, 1, c])
-            };
-            (y, gx, grad_of(&norm.gamma), grad_of(&norm.beta))
-        };
-        let (y1, gx1, gg1, gb1) = run(true);
-        let (y2, gx2, gg2, gb2) = run(false);
-        for (name, ours, burns) in [
-            ("output", y1, y2),
-            ("input gradient", gx1, gx2),
-            ("gamma gradient", gg1, gg2),
-            ("beta gradient", gb1, gb2),
-        ] {
-            let scale = burns.clone().abs().max().into_scalar::<f32>().max(1.0);
-            let d = max_diff(ours, burns);
-            assert!(d <= 1e-5 * scale, "{name}: max |diff| {d} (scale {scale})");
+            let (y1, gx1, gg1, gb1) = run(true);
+            let (y2, gx2, gg2, gb2) = run(false);
+            for (name, ours, burns) in [
+                ("output", y1, y2),
+                ("input gradient", gx1, gx2),
+                ("gamma gradient", gg1, gg2),
+                ("beta gradient", gb1, gb2),
+            ] {
+                let scale = burns.clone().abs().max().into_scalar::<f32>().max(1.0);
+                let d = max_diff(ours, burns);
+                assert!(
+                    d <= 1e-5 * scale,
+                    "silu {silu}: {name}: max |diff| {d} (scale {scale})"
+                );
+            }
         }
     }
 

@@ -128,17 +128,8 @@ pub(crate) fn group_norm(groups: usize, channels: usize, eps: f64, device: &Devi
 /// backward pass.
 pub(crate) fn group_norm_forward(norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
     #[cfg(feature = "flex-kernels")]
-    if on_flex_f32(&x)
-        && let (Some(gamma), Some(beta)) = (&norm.gamma, &norm.beta)
-    {
-        use super::flex_kernels::FlexKernels;
-        return Tensor::from_dispatch(<burn::backend::Dispatch as FlexKernels>::flex_group_norm(
-            x.into_dispatch(),
-            gamma.val().into_dispatch(),
-            beta.val().into_dispatch(),
-            norm.num_groups,
-            norm.epsilon,
-        ));
+    if let Some(y) = flex_group_norm(norm, &x, false) {
+        return y;
     }
     let [batch, channels, height, width] = x.dims();
     let groups = norm.num_groups;
@@ -152,6 +143,38 @@ pub(crate) fn group_norm_forward(norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
         }
         _ => y,
     }
+}
+
+/// `silu(group_norm_forward(norm, x))`, in one pass forward and backward on the CPU backend
+/// with feature `flex-kernels`.
+pub(crate) fn group_norm_silu(norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "flex-kernels")]
+    if let Some(y) = flex_group_norm(norm, &x, true) {
+        return y;
+    }
+    silu(group_norm_forward(norm, x))
+}
+
+/// [`super::flex_kernels`]' GroupNorm (then SiLU when `silu`), for float32 tensors on the CPU
+/// backend with an affine norm; `None` elsewhere.
+#[cfg(feature = "flex-kernels")]
+fn flex_group_norm(norm: &GroupNorm, x: &Tensor<4>, silu: bool) -> Option<Tensor<4>> {
+    use super::flex_kernels::{FlexKernels, GroupNormSpec};
+    let (Some(gamma), Some(beta)) = (&norm.gamma, &norm.beta) else {
+        return None;
+    };
+    on_flex_f32(x).then(|| {
+        Tensor::from_dispatch(<burn::backend::Dispatch as FlexKernels>::flex_group_norm(
+            x.clone().into_dispatch(),
+            gamma.val().into_dispatch(),
+            beta.val().into_dispatch(),
+            GroupNormSpec {
+                groups: norm.num_groups,
+                epsilon: norm.epsilon,
+                silu,
+            },
+        ))
+    })
 }
 
 /// Frequencies of the sinusoidal timestep embedding, computed in f32 in the same order of
@@ -286,8 +309,7 @@ impl ResnetBlock2D {
     /// - output: `[batch, c_out, h, w]`
     pub fn forward(&self, x: Tensor<4>, temb: Tensor<2>) -> Tensor<4> {
         let input = x.clone();
-        let h = group_norm_forward(&self.norm1, x);
-        let h = silu(h);
+        let h = group_norm_silu(&self.norm1, x);
         let h = conv_forward(&self.conv1, h); // [batch, c_out, h, w]
         let [batch, channels, _, _] = h.dims();
         let temb = self.time_emb_proj.forward(silu(temb)); // [batch, c_out or 2 c_out]
@@ -296,12 +318,11 @@ impl ResnetBlock2D {
             let scale = temb.clone().narrow(1, 0, channels);
             let shift = temb.narrow(1, channels, channels);
             let h = group_norm_forward(&self.norm2, h);
-            h.clone() * scale + h + shift
+            silu(h.clone() * scale + h + shift)
         } else {
             let h = h + temb.reshape([batch, channels, 1, 1]);
-            group_norm_forward(&self.norm2, h)
+            group_norm_silu(&self.norm2, h)
         };
-        let h = silu(h);
         let h = self.dropout.forward(h);
         let h = conv_forward(&self.conv2, h);
         let input = match &self.conv_shortcut {

@@ -24,7 +24,7 @@ use burn::tensor::{Device, Int, Tensor};
 
 use crate::error::Result;
 use blocks::AttnSettings;
-use layers::{ResnetSettings, conv3x3, group_norm, group_norm_forward};
+use layers::{ResnetSettings, conv3x3, group_norm, group_norm_silu};
 
 /// The noise-prediction network ε_θ(x_t, t[, y]).
 #[derive(Module, Debug)]
@@ -192,8 +192,7 @@ impl UNet {
             x = block.forward(x, emb.clone(), &mut skips);
         }
         // 6. head
-        let x = group_norm_forward(&self.conv_norm_out, x);
-        let x = silu(x);
+        let x = group_norm_silu(&self.conv_norm_out, x);
         conv_forward(&self.conv_out, x) // [batch, out_channels, h, w]
     }
 
