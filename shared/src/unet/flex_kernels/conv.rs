@@ -21,6 +21,8 @@ use super::{contiguous, dims4, f32_tensor};
 thread_local! {
     /// Each thread's im2col buffer, reused from image to image.
     static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Each thread's buffers for [`with_rows`]: the image channels-last, and its patch rows.
+    static ROWS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// The side of a square kernel `[c_out, c_in, k, k]`.
@@ -52,6 +54,94 @@ fn with_columns<R>(
         // Only if a thread re-enters while waiting on a parallel product: a fresh buffer.
         Err(_) => run(&mut Vec::new()),
     })
+}
+
+/// Calls `f` with one image `[c, h, w]`'s patches as rows, `[h · w, k² · c]`: row `y · w + x`
+/// holds, for each kernel offset `(ky, kx)` and then each channel, the input under that tap (0
+/// outside). This is the layout the weight gradient's product reads without repacking: both its
+/// operands then run along the pixels in memory. The columns come out in `(ky, kx, c)` order,
+/// not the weight's `(c, ky, kx)`.
+fn with_rows<R>(
+    image: &[f32],
+    [c, h, w]: [usize; 3],
+    kernel: usize,
+    f: impl FnOnce(Mat) -> R,
+) -> R {
+    let run = |(hwc, rows): &mut (Vec<f32>, Vec<f32>)| {
+        hwc.resize(c * h * w, 0.0);
+        pulp::Arch::new().dispatch(ChannelsLast {
+            src: image,
+            plane: h * w,
+            dst: hwc,
+        });
+        if kernel == 1 {
+            return f(Mat::row_major(hwc, h * w, c));
+        }
+        rows.resize(h * w * 9 * c, 0.0);
+        im2row3x3(hwc, [c, h, w], rows);
+        f(Mat::row_major(rows, h * w, 9 * c))
+    };
+    ROWS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffers) => run(&mut buffers),
+        // Only if a thread re-enters while waiting on a parallel product: fresh buffers.
+        Err(_) => run(&mut (Vec::new(), Vec::new())),
+    })
+}
+
+simd_kernel! {
+    /// `[c, plane]` → `[plane, c]`, eight channels at a time: eight sequential reads and eight
+    /// contiguous writes per pixel.
+    struct ChannelsLast<'a> { src: &'a [f32], plane: usize, dst: &'a mut [f32] } -> () {
+        if plane == 0 {
+            return;
+        }
+        let c = src.len() / plane;
+        for first in (0..c).step_by(8) {
+            let n = (c - first).min(8);
+            let channels = &src[first * plane..(first + n) * plane];
+            if n == 8 {
+                let lanes: [&[f32]; 8] = std::array::from_fn(|j| &channels[j * plane..(j + 1) * plane]);
+                for (p, out) in dst.chunks_exact_mut(c).enumerate() {
+                    let out = &mut out[first..first + 8];
+                    for j in 0..8 {
+                        out[j] = lanes[j][p];
+                    }
+                }
+            } else {
+                for (j, channel) in channels.chunks_exact(plane).enumerate() {
+                    for (p, &v) in channel.iter().enumerate() {
+                        dst[p * c + first + j] = v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The patch rows of a channels-last image `hwc` (`[h · w, c]`) into `rows` (`[h · w, 9 · c]`):
+/// per pixel and kernel row `ky`, the three neighbours along x are `3 · c` contiguous values of
+/// `hwc` (one copy) away from the borders.
+fn im2row3x3(hwc: &[f32], [c, h, w]: [usize; 3], rows: &mut [f32]) {
+    for (p, row) in rows.chunks_exact_mut(9 * c).enumerate() {
+        let (y, x) = (p / w, p % w);
+        for (ky, taps) in row.chunks_exact_mut(3 * c).enumerate() {
+            let Some(ny) = (y + ky).checked_sub(1).filter(|&ny| ny < h) else {
+                taps.fill(0.0);
+                continue;
+            };
+            let line = &hwc[ny * w * c..(ny + 1) * w * c];
+            if x >= 1 && x + 1 < w {
+                taps.copy_from_slice(&line[(x - 1) * c..(x + 2) * c]);
+                continue;
+            }
+            for (kx, tap) in taps.chunks_exact_mut(c).enumerate() {
+                match (x + kx).checked_sub(1).filter(|&nx| nx < w) {
+                    Some(nx) => tap.copy_from_slice(&line[nx * c..(nx + 1) * c]),
+                    None => tap.fill(0.0),
+                }
+            }
+        }
+    }
 }
 
 /// The 3×3 patches of one image `[c, h, w]` (padding 1) as columns `[c · 9, h · w]` in `cols`:
@@ -158,44 +248,51 @@ pub(super) fn conv_forward(
     f32_tensor(out, vec![b, c_out, h, w])
 }
 
-/// `Σ_b grad_b · columns_bᵀ`, shaped like the weight `[c_out, c_in, k, k]`. The batch is cut
-/// into one run of images per thread, each summed in place, then the runs are added in order.
+/// `Σ_b grad_b · rows_b` (the patch rows of [`with_rows`]), shaped like the weight
+/// `[c_out, c_in, k, k]`. The batch is cut into one run of images per thread, each summed in
+/// place, then the runs are added in order.
 pub(super) fn conv_weight_grad(x: &FlexTensor, grad: &FlexTensor, kernel: usize) -> FlexTensor {
     let [b, c_in, h, w] = dims4(x);
     let c_out = dims4(grad)[1];
     let (x, grad) = (contiguous(x), contiguous(grad));
     let (src, dy) = (slice(&x), slice(&grad));
-    let (image, plane, rows) = (c_in * h * w, h * w, c_in * kernel * kernel);
+    let (image, plane, taps) = (c_in * h * w, h * w, c_in * kernel * kernel);
     let runs = rayon::current_num_threads().clamp(1, b.max(1));
     let per_run = b.div_ceil(runs);
     let parallel = !images_in_parallel(b);
     let partial: Vec<Vec<f32>> = (0..runs)
         .into_par_iter()
         .map(|run| {
-            let mut acc = vec![0.0f32; c_out * rows];
+            // In the patch rows' (ky, kx, c) column order.
+            let mut acc = vec![0.0f32; c_out * taps];
             for i in (run * per_run..b).take(per_run) {
                 let g = Mat::row_major(&dy[i * c_out * plane..][..c_out * plane], c_out, plane);
-                with_columns(&src[i * image..][..image], [c_in, h, w], kernel, |cols| {
-                    matmul(
-                        MatMut::row_major(&mut acc, c_out, rows),
-                        g,
-                        cols.t(),
-                        true,
-                        parallel,
-                    )
+                with_rows(&src[i * image..][..image], [c_in, h, w], kernel, |rows| {
+                    let acc = MatMut::row_major(&mut acc, c_out, taps);
+                    matmul(acc, g, rows, true, parallel)
                 });
             }
             acc
         })
         .collect();
     let mut partial = partial.into_iter();
-    let mut sum = partial.next().unwrap_or_else(|| vec![0.0; c_out * rows]);
+    let mut sum = partial.next().unwrap_or_else(|| vec![0.0; c_out * taps]);
     for part in partial {
         for (s, p) in sum.iter_mut().zip(part) {
             *s += p;
         }
     }
-    f32_tensor(sum, vec![c_out, c_in, kernel, kernel])
+    // (ky, kx, c) → the weight's (c, ky, kx).
+    let k2 = kernel * kernel;
+    let mut weight = vec![0.0f32; c_out * taps];
+    for (dst, src) in weight.chunks_exact_mut(taps).zip(sum.chunks_exact(taps)) {
+        for (tap, values) in src.chunks_exact(c_in).enumerate() {
+            for (ci, &v) in values.iter().enumerate() {
+                dst[ci * k2 + tap] = v;
+            }
+        }
+    }
+    f32_tensor(weight, vec![c_out, c_in, kernel, kernel])
 }
 
 /// The input gradient: the convolution of the output gradient with the weight's in and out
