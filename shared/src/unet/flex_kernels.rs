@@ -3,9 +3,9 @@
 //!
 //! - Stride-1 convolution, 3×3 with padding 1 and 1×1 ([`conv`]): per image, the patches as
 //!   im2col columns in a cache-sized buffer, then one GEMM ([`gemm`]) that writes the image's
-//!   output into the batch tensor on top of the bias. The weight gradient is
-//!   `grad · columnsᵀ` summed over the batch in place; the input gradient is the same
-//!   convolution of the output gradient with the kernel turned by 180°. flex's own conv first
+//!   output straight into the batch tensor, then adds the bias while it is in cache. The weight
+//!   gradient is `grad · patch rows` summed over the batch in place; the input gradient is the
+//!   same convolution of the output gradient with the kernel turned by 180°. flex's own conv first
 //!   transposes the input to NHWC on one thread, and its backward scatters through
 //!   `conv_transpose`.
 //! - GroupNorm: one parallel pass per (image, group) block each way. burn's `GroupNorm` takes six
@@ -34,7 +34,8 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, backend_extension};
 use burn::tensor::TensorData;
-use rayon::prelude::*;
+
+use output::{Writer, build};
 
 /// Declares a loop kernel compiled for the best SIMD level the CPU has (AVX2 or AVX-512 on x86,
 /// picked at run time by pulp): `struct Name { args } -> Output { body }` becomes a struct that
@@ -46,14 +47,14 @@ use rayon::prelude::*;
 macro_rules! simd_kernel {
     (
         $(#[$attr:meta])*
-        struct $name:ident<$lt:lifetime> { $($field:ident: $ty:ty),* $(,)? } -> $ret:ty $body:block
+        struct $name:ident<$($lt:lifetime),+> { $($field:ident: $ty:ty),* $(,)? } -> $ret:ty $body:block
     ) => {
         $(#[$attr])*
-        struct $name<$lt> {
+        struct $name<$($lt),+> {
             $($field: $ty),*
         }
 
-        impl<$lt> pulp::WithSimd for $name<$lt> {
+        impl<$($lt),+> pulp::WithSimd for $name<$($lt),+> {
             type Output = $ret;
 
             #[inline(always)]
@@ -68,6 +69,7 @@ macro_rules! simd_kernel {
 mod attention;
 mod conv;
 mod gemm;
+mod output;
 
 /// The fused operations as a backend extension: flex has the kernels, `Autodiff<Flex>` adds
 /// their backward passes.
@@ -359,36 +361,30 @@ fn group_norm_forward(
     let plane = h * w;
     let per_group = c / groups;
     let block = per_group * plane;
-    let mut out = vec![0.0f32; b * c * plane];
     if block == 0 {
-        return (f32_tensor(out, vec![b, c, h, w]), Vec::new());
+        return (f32_tensor(Vec::new(), vec![b, c, h, w]), Vec::new());
     }
-    let stats = out
-        .par_chunks_mut(block)
-        .zip(src.par_chunks(block))
-        .enumerate()
-        .map(|(i, (dst, src))| {
-            let channels = (i % groups) * per_group..(i % groups + 1) * per_group;
-            pulp::Arch::new().dispatch(GroupNormBlock {
-                src,
-                dst,
-                gamma: &gamma[channels.clone()],
-                beta: &beta[channels],
-                plane,
-                epsilon,
-                silu,
-            })
+    let (out, stats) = build(b * c * plane, block, true, |i, dst| {
+        let channels = (i % groups) * per_group..(i % groups + 1) * per_group;
+        pulp::Arch::new().dispatch(GroupNormBlock {
+            src: &src[i * block..][..block],
+            dst,
+            gamma: &gamma[channels.clone()],
+            beta: &beta[channels],
+            plane,
+            epsilon,
+            silu,
         })
-        .collect();
+    });
     (f32_tensor(out, vec![b, c, h, w]), stats)
 }
 
 simd_kernel! {
-    /// One (image, group) block of GroupNorm: its mean and 1/σ, and `dst = x · scale + shift` per
-    /// channel, or SiLU of that.
-    struct GroupNormBlock<'a> {
+    /// One (image, group) block of GroupNorm: its mean and 1/σ, and `x · scale + shift` per
+    /// channel, or SiLU of that, appended to `dst`.
+    struct GroupNormBlock<'a, 'b> {
         src: &'a [f32],
-        dst: &'a mut [f32],
+        dst: &'a mut Writer<'b>,
         gamma: &'a [f32],
         beta: &'a [f32],
         plane: usize,
@@ -406,15 +402,14 @@ simd_kernel! {
             let scale = gamma[ci] as f64 * rstd;
             let shift = beta[ci] as f64 - mean * scale;
             let (scale, shift) = (scale as f32, shift as f32);
-            let range = ci * plane..(ci + 1) * plane;
-            let dst = &mut dst[range.clone()];
-            for (d, &s) in dst.iter_mut().zip(&src[range]) {
-                *d = s * scale + shift;
-            }
+            let x = &src[ci * plane..(ci + 1) * plane];
             if silu {
-                for d in dst.iter_mut() {
-                    *d /= 1.0 + exp(-*d);
-                }
+                dst.push_map(x, |s| {
+                    let y = s * scale + shift;
+                    y / (1.0 + exp(-y))
+                });
+            } else {
+                dst.push_map(x, |s| s * scale + shift);
             }
         }
         [mean as f32, rstd as f32]
@@ -453,33 +448,30 @@ fn group_norm_backward(
     let plane = h * w;
     let per_group = c / groups;
     let block = per_group * plane;
-    let mut dx = vec![0.0f32; b * c * plane];
     let mut dgamma = vec![0.0f64; c];
     let mut dbeta = vec![0.0f64; c];
-    if block > 0 {
-        // Each channel's Σ dy and Σ dy · x̂, per image.
-        let mut sums = vec![[0.0f64; 2]; b * c];
-        dx.par_chunks_mut(block)
-            .zip(src.par_chunks(block).zip(dy.par_chunks(block)))
-            .zip(sums.par_chunks_mut(per_group))
-            .enumerate()
-            .for_each(|(i, ((dst, (src, dy)), sums))| {
-                let channels = (i % groups) * per_group..(i % groups + 1) * per_group;
-                pulp::Arch::new().dispatch(GroupNormGradBlock {
-                    src,
-                    dy,
-                    dst,
-                    gamma: &gamma[channels.clone()],
-                    beta: &beta[channels],
-                    plane,
-                    stats: state.stats[i],
-                    silu: state.norm.silu,
-                    sums,
-                })
-            });
-        for (i, [s_dy, s_dyx]) in sums.into_iter().enumerate() {
-            dbeta[i % c] += s_dy;
-            dgamma[i % c] += s_dyx;
+    // Per (image, group) block: the input gradient, and each channel's Σ dy and Σ dy · x̂.
+    let (dx, sums) = build(b * c * plane, block.max(1), true, |i, dst| {
+        let channels = (i % groups) * per_group..(i % groups + 1) * per_group;
+        let mut sums = vec![[0.0f64; 2]; per_group];
+        pulp::Arch::new().dispatch(GroupNormGradBlock {
+            src: &src[i * block..][..block],
+            dy: &dy[i * block..][..block],
+            dst,
+            gamma: &gamma[channels.clone()],
+            beta: &beta[channels],
+            plane,
+            stats: state.stats[i],
+            silu: state.norm.silu,
+            sums: &mut sums,
+        });
+        sums
+    });
+    for (i, block_sums) in sums.iter().enumerate() {
+        let first = (i % groups) * per_group;
+        for (ci, [s_dy, s_dyx]) in block_sums.iter().enumerate() {
+            dbeta[first + ci] += s_dy;
+            dgamma[first + ci] += s_dyx;
         }
     }
     let to_f32 = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<_>>();
@@ -494,10 +486,10 @@ simd_kernel! {
     /// One (image, group) block of GroupNorm's backward pass: `dst` gets the input gradient and
     /// `sums` each channel's `Σ dy` and `Σ dy · x̂`. With `silu`, `dy` is first taken through SiLU
     /// at the normalised values, recomputed as in the forward pass.
-    struct GroupNormGradBlock<'a> {
+    struct GroupNormGradBlock<'a, 'b> {
         src: &'a [f32],
         dy: &'a [f32],
-        dst: &'a mut [f32],
+        dst: &'a mut Writer<'b>,
         gamma: &'a [f32],
         beta: &'a [f32],
         plane: usize,
@@ -514,16 +506,16 @@ simd_kernel! {
                 let shift = beta[ci] as f64 - mean as f64 * scale;
                 let (scale, shift) = (scale as f32, shift as f32);
                 let range = ci * plane..(ci + 1) * plane;
-                let (x, g) = (&src[range.clone()], &dy[range.clone()]);
-                for ((d, &x), &g) in dst[range].iter_mut().zip(x).zip(g) {
+                dst.push_map2(&src[range.clone()], &dy[range], |x, g| {
                     let y = x * scale + shift;
                     let s = 1.0 / (1.0 + exp(-y));
-                    *d = g * s * (1.0 + y * (1.0 - s));
-                }
+                    g * s * (1.0 + y * (1.0 - s))
+                });
             }
         } else {
-            dst.copy_from_slice(dy);
+            dst.push_map(dy, |g| g);
         }
+        let dst = dst.written_mut();
         let (mut mean_g, mut mean_gx) = (0.0f64, 0.0f64);
         for ci in 0..gamma.len() {
             let range = ci * plane..(ci + 1) * plane;
@@ -572,27 +564,6 @@ fn f32_tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
 /// Elements per parallel task: small tensors stay on the calling thread.
 const CHUNK: usize = 1 << 15;
 
-/// Applies `f` to matching chunks of `src` (and `src2`) and `dst`, in parallel when large.
-fn map_chunks<F>(src: &[f32], src2: Option<&[f32]>, dst: &mut [f32], f: F)
-where
-    F: Fn(&[f32], Option<&[f32]>, &mut [f32]) + Sync,
-{
-    if dst.len() <= CHUNK {
-        f(src, src2, dst);
-        return;
-    }
-    match src2 {
-        Some(src2) => dst
-            .par_chunks_mut(CHUNK)
-            .zip(src.par_chunks(CHUNK).zip(src2.par_chunks(CHUNK)))
-            .for_each(|(d, (s, s2))| f(s, Some(s2), d)),
-        None => dst
-            .par_chunks_mut(CHUNK)
-            .zip(src.par_chunks(CHUNK))
-            .for_each(|(d, s)| f(s, None, d)),
-    }
-}
-
 /// A contiguous float32 copy-free view, or a contiguous copy when the layout is strided.
 fn contiguous(x: &FlexTensor) -> FlexTensor {
     if x.as_slice::<f32>().is_some() {
@@ -607,8 +578,8 @@ fn silu_forward(x: &FlexTensor) -> FlexTensor {
     let src = x
         .as_slice::<f32>()
         .expect("flex_silu takes float32 tensors (checked by activation::silu)");
-    let mut out = vec![0.0f32; src.len()];
-    map_chunks(src, None, &mut out, |x, _, out| {
+    let (out, _) = build(src.len(), CHUNK, src.len() > CHUNK, |i, out| {
+        let x = &src[i * CHUNK..src.len().min((i + 1) * CHUNK)];
         pulp::Arch::new().dispatch(SiluSlice { x, out })
     });
     FlexTensor::from_data(TensorData::new(out, x.layout().shape().clone()))
@@ -620,30 +591,28 @@ fn silu_backward(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
     let src = x.as_slice::<f32>().expect("float32 input");
     let g = grad.as_slice::<f32>().expect("float32 gradient");
     assert_eq!(src.len(), g.len(), "SiLU gradient shape");
-    let mut out = vec![0.0f32; src.len()];
-    map_chunks(src, Some(g), &mut out, |s, g, d| {
-        let g = g.expect("gradient chunk");
-        pulp::Arch::new().dispatch(SiluGradSlice { x: s, g, out: d })
+    let (out, _) = build(src.len(), CHUNK, src.len() > CHUNK, |i, out| {
+        let chunk = i * CHUNK..src.len().min((i + 1) * CHUNK);
+        let (x, g) = (&src[chunk.clone()], &g[chunk]);
+        pulp::Arch::new().dispatch(SiluGradSlice { x, g, out })
     });
     FlexTensor::from_data(TensorData::new(out, x.layout().shape().clone()))
 }
 
 simd_kernel! {
     /// `x / (1 + e^-x)` over a slice.
-    struct SiluSlice<'a> { x: &'a [f32], out: &'a mut [f32] } -> () {
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o = v / (1.0 + exp(-v));
-        }
+    struct SiluSlice<'a, 'b> { x: &'a [f32], out: &'a mut Writer<'b> } -> () {
+        out.push_map(x, |v| v / (1.0 + exp(-v)));
     }
 }
 
 simd_kernel! {
     /// `g · s · (1 + x (1 − s))` with `s = sigmoid(x)`: the chain rule through SiLU.
-    struct SiluGradSlice<'a> { x: &'a [f32], g: &'a [f32], out: &'a mut [f32] } -> () {
-        for ((o, &v), &g) in out.iter_mut().zip(x).zip(g) {
+    struct SiluGradSlice<'a, 'b> { x: &'a [f32], g: &'a [f32], out: &'a mut Writer<'b> } -> () {
+        out.push_map2(x, g, |v, g| {
             let s = 1.0 / (1.0 + exp(-v));
-            *o = g * s * (1.0 + v * (1.0 - s));
-        }
+            g * s * (1.0 + v * (1.0 - s))
+        });
     }
 }
 
@@ -685,11 +654,12 @@ mod tests {
 
     /// Values over SiLU's whole range, extremes and a strided view included.
     fn input(device: &Device) -> Tensor<4> {
-        let mut v: Vec<f32> = (0..2 * 3 * 40 * 50)
+        // 43,200 values: two parallel chunks of `CHUNK` and a shorter last one.
+        let mut v: Vec<f32> = (0..2 * 3 * 80 * 90)
             .map(|i| ((i as f32) * 0.618_034).sin() * 12.0)
             .collect();
         v[..6].copy_from_slice(&[0.0, -0.0, 100.0, -100.0, 88.5, -88.5]);
-        Tensor::<4>::from_data(TensorData::new(v, [2, 3, 40, 50]), device)
+        Tensor::<4>::from_data(TensorData::new(v, [2, 3, 80, 90]), device)
     }
 
     fn max_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {

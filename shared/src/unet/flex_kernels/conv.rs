@@ -1,10 +1,10 @@
 //! Stride-1 convolutions with 1×1 (no padding) and 3×3 (padding 1) kernels, one image at a time:
 //! the 3×3 patches as im2col columns in a per-thread buffer that stays in cache, then one GEMM
-//! that writes the image's output straight into the batch tensor on top of the bias. For a 1×1
+//! that writes the image's output straight into the batch tensor, then the bias. For a 1×1
 //! kernel the image itself is the column matrix.
 //!
-//! Backward: the weight gradient is `Σ_b grad_b · columns_bᵀ`, summed in place per thread; the
-//! input gradient is the same convolution of the output gradient with the weight's in and out
+//! Backward: the weight gradient is `Σ_b grad_b · rows_b`, with the patches laid out one pixel
+//! per row ([`with_rows`]), summed in place per thread; the input gradient is the same convolution of the output gradient with the weight's in and out
 //! channels swapped and its kernel turned by 180°.
 
 use std::cell::RefCell;
@@ -16,6 +16,7 @@ use burn::tensor::Shape;
 use rayon::prelude::*;
 
 use super::gemm::{Mat, MatMut, matmul};
+use super::output::build;
 use super::{contiguous, dims4, f32_tensor};
 
 thread_local! {
@@ -217,34 +218,26 @@ pub(super) fn conv_forward(
     let (src, bias) = (slice(&x), bias.as_ref().map(slice));
     let weight = Mat::row_major(slice(&weight), c_out, c_in * kernel * kernel);
     let (image, plane) = (c_in * h * w, h * w);
-    let mut out = vec![0.0f32; b * c_out * plane];
-    let one = |i: usize, dst: &mut [f32], parallel: bool| {
-        if let Some(bias) = bias {
-            for (channel, &v) in dst.chunks_mut(plane).zip(bias) {
-                channel.fill(v);
+    // One image per rayon thread, or one image at a time with each product parallel.
+    let images_parallel = images_in_parallel(b);
+    let (out, _) = build(
+        b * c_out * plane,
+        c_out * plane,
+        images_parallel,
+        |i, dst| {
+            with_columns(&src[i * image..][..image], [c_in, h, w], kernel, |cols| {
+                dst.push_product(weight, cols, !images_parallel)
+            });
+            // The bias goes on while the image's output is still in cache.
+            if let Some(bias) = bias {
+                for (channel, &v) in dst.written_mut().chunks_mut(plane).zip(bias) {
+                    for x in channel {
+                        *x += v;
+                    }
+                }
             }
-        }
-        with_columns(&src[i * image..][..image], [c_in, h, w], kernel, |cols| {
-            matmul(
-                MatMut::row_major(dst, c_out, plane),
-                weight,
-                cols,
-                bias.is_some(),
-                parallel,
-            )
-        });
-    };
-    if c_out * plane > 0 {
-        if images_in_parallel(b) {
-            out.par_chunks_mut(c_out * plane)
-                .enumerate()
-                .for_each(|(i, dst)| one(i, dst, false));
-        } else {
-            for (i, dst) in out.chunks_mut(c_out * plane).enumerate() {
-                one(i, dst, true);
-            }
-        }
-    }
+        },
+    );
     f32_tensor(out, vec![b, c_out, h, w])
 }
 

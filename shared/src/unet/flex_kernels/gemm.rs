@@ -1,8 +1,11 @@
 //! Matrix products through the `gemm` crate (the GEMM that flex's own matmul calls), writing
 //! into a caller's slice: the convolutions put each image's output straight into the batch
-//! tensor, on top of the bias, and sum weight gradients in place. `gemm::gemm` takes raw
-//! pointers; [`matmul`] checks every bound first, and this is the crate's only `unsafe` block.
+//! tensor, and sum weight gradients in place. `gemm::gemm` takes raw
+//! pointers; [`matmul`] and [`product_into`] check every bound first. This module and
+//! [`super::output`] are the crate's only `unsafe` code.
 #![allow(unsafe_code)]
+
+use std::mem::MaybeUninit;
 
 /// A strided view of a float32 matrix: element `(i, j)` is `data[i · row_stride + j · col_stride]`.
 #[derive(Clone, Copy, Debug)]
@@ -114,24 +117,79 @@ pub(crate) fn matmul(dst: MatMut, lhs: Mat, rhs: Mat, accumulate: bool, parallel
         }
         return;
     }
+    // SAFETY: `dst`'s rows were checked to lie inside its exclusively borrowed slice without
+    // overlapping; the slice outlives the call.
+    unsafe {
+        raw_gemm(
+            dst.data.as_mut_ptr(),
+            dst.row_stride,
+            lhs,
+            rhs,
+            accumulate,
+            parallel,
+        )
+    };
+}
+
+/// `dst = lhs · rhs` into storage not yet initialised, row-major `lhs.rows × rhs.cols`: every
+/// element of `dst` is written.
+///
+/// # Panics
+/// If the shapes disagree or a view reaches outside its slice.
+pub(crate) fn product_into(dst: &mut [MaybeUninit<f32>], lhs: Mat, rhs: Mat, parallel: bool) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(rhs.rows, k, "matmul: inner dimensions {k} and {}", rhs.rows);
+    assert_eq!(dst.len(), m * n, "matmul: output of {m} × {n}");
+    assert!(
+        lhs.in_bounds() && rhs.in_bounds() && n <= isize::MAX as usize,
+        "matmul: view out of bounds"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for d in dst.iter_mut() {
+            d.write(0.0);
+        }
+        return;
+    }
+    // SAFETY: `dst` is an exclusively borrowed, contiguous m × n buffer (checked length); gemm
+    // only writes it (`read_dst` is false), every element, and never reads it.
+    unsafe { raw_gemm(dst.as_mut_ptr().cast(), n, lhs, rhs, false, parallel) };
+}
+
+/// `gemm::gemm` for `dst (+)= lhs · rhs` with `dst` row-major, rows `dst_row_stride` apart.
+///
+/// # Safety
+/// `dst` must point to `lhs.rows` rows of `rhs.cols` writable floats, `dst_row_stride` apart,
+/// not overlapping each other or the inputs, initialised when `accumulate`; `lhs.cols` equals
+/// `rhs.rows`, no dimension is 0, both views lie inside their slices (`in_bounds`) and
+/// `dst_row_stride` fits `isize`.
+unsafe fn raw_gemm(
+    dst: *mut f32,
+    dst_row_stride: usize,
+    lhs: Mat,
+    rhs: Mat,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     let parallelism = if parallel {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: `dst` is an exclusively borrowed m × n matrix whose rows were checked to lie inside
-    // its slice without overlapping; `lhs` (m × k) and `rhs` (k × n) are shared borrows whose
-    // every element offset was checked to lie inside their slices; all strides fit `isize`; f32
-    // is one of the types `gemm::gemm` implements. The slices outlive the call, and `dst` cannot
-    // alias the inputs.
+    // SAFETY: the caller's contract above; `lhs` (m × k) and `rhs` (k × n) are shared borrows
+    // whose every element offset lies inside their slices, with strides that fit `isize`; f32 is
+    // one of the types `gemm::gemm` implements.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.data.as_mut_ptr(),
+            dst,
             1,
-            dst.row_stride as isize,
+            dst_row_stride as isize,
             accumulate,
             lhs.data.as_ptr(),
             lhs.col_stride as isize,
