@@ -140,6 +140,16 @@ pub fn run(args: SampleArgs) -> Result<()> {
         .with_context(|| format!("{} is not a usable model file", args.model.display()))?;
     let schedule = schedule_for(&info, args.steps)?;
     let class = match &args.class {
+        None if info.unet.num_class_embeds.is_some() => {
+            let known = match info.class_names.as_slice() {
+                [] => format!("0 to {}", info.num_classes().saturating_sub(1)),
+                names => names.join(", "),
+            };
+            bail!(
+                "{} is class-conditional: choose a class with --class (a name or number: {known})",
+                args.model.display()
+            );
+        }
         None => None,
         Some(c) => Some(
             crate::data::class_index(&info.class_names, c).with_context(|| {

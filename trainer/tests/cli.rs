@@ -350,6 +350,16 @@ fn bad_inputs_get_clear_errors() {
     let text = fails(&["sample", "--model", p(&dir.join("missing.safetensors"))]);
     assert!(text.contains("missing.safetensors"), "{text}");
 
+    // The bundled model is class-conditional: sampling it without --class names the flag and
+    // the classes.
+    let bundled =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../web/assets/fashion-mnist.safetensors");
+    let text = fails(&["sample", "--model", p(&bundled), "--backend", "cpu"]);
+    assert!(
+        text.contains("choose a class with --class") && text.contains("ankle-boot"),
+        "{text}"
+    );
+
     let junk = dir.join("junk.safetensors");
     std::fs::write(&junk, b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!").unwrap();
     let text = fails(&["sample", "--model", p(&junk), "--backend", "cpu"]);
