@@ -551,6 +551,19 @@ simd_kernel! {
     }
 }
 
+/// Calls `f` with this thread's buffers in `key`, reused from call to call. A thread that
+/// re-enters while waiting on a parallel product (rayon may hand it other work meanwhile) gets
+/// fresh buffers instead.
+fn with_thread_buffers<T: Default + 'static, R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffers) => f(&mut buffers),
+        Err(_) => f(&mut T::default()),
+    })
+}
+
 /// The four dimensions of a rank-4 tensor.
 fn dims4(x: &FlexTensor) -> [usize; 4] {
     let shape = x.layout().shape();

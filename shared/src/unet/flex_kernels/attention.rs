@@ -13,7 +13,7 @@ use burn::backend::flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::gemm::{Mat, MatMut, matmul};
-use super::{contiguous, exp, f32_tensor};
+use super::{contiguous, exp, f32_tensor, with_thread_buffers};
 
 thread_local! {
     /// Each thread's score buffers, reused from image to image.
@@ -28,11 +28,7 @@ fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
         }
         f(&mut buffer[..n])
     };
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buffer) => run(&mut buffer),
-        // Only if a thread re-enters while waiting on a parallel product: a fresh buffer.
-        Err(_) => run(&mut Vec::new()),
-    })
+    with_thread_buffers(&SCRATCH, run)
 }
 
 /// The shape of one attention call.

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use super::gemm::{Mat, MatMut, matmul};
 use super::output::build;
-use super::{contiguous, dims4, f32_tensor};
+use super::{contiguous, dims4, f32_tensor, with_thread_buffers};
 
 thread_local! {
     /// Each thread's im2col buffer, reused from image to image.
@@ -50,11 +50,7 @@ fn with_columns<R>(
         im2col3x3(image, [c, h, w], buffer);
         f(Mat::row_major(buffer, c * 9, h * w))
     };
-    COLUMNS.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buffer) => run(&mut buffer),
-        // Only if a thread re-enters while waiting on a parallel product: a fresh buffer.
-        Err(_) => run(&mut Vec::new()),
-    })
+    with_thread_buffers(&COLUMNS, run)
 }
 
 /// Calls `f` with one image `[c, h, w]`'s patches as rows, `[h · w, k² · c]`: row `y · w + x`
@@ -82,11 +78,7 @@ fn with_rows<R>(
         im2row3x3(hwc, [c, h, w], rows);
         f(Mat::row_major(rows, h * w, 9 * c))
     };
-    ROWS.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buffers) => run(&mut buffers),
-        // Only if a thread re-enters while waiting on a parallel product: fresh buffers.
-        Err(_) => run(&mut (Vec::new(), Vec::new())),
-    })
+    with_thread_buffers(&ROWS, run)
 }
 
 simd_kernel! {
