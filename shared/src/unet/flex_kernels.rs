@@ -355,15 +355,10 @@ fn group_norm_forward(
     let [b, c, h, w] = dims4(x);
     let x = contiguous(x);
     let (gamma, beta) = (contiguous(gamma), contiguous(beta));
-    let src = x.as_slice::<f32>().expect("float32 GroupNorm input");
-    let gamma = gamma.as_slice::<f32>().expect("float32 gamma");
-    let beta = beta.as_slice::<f32>().expect("float32 beta");
+    let (src, gamma, beta) = (f32s(&x), f32s(&gamma), f32s(&beta));
     let plane = h * w;
     let per_group = c / groups;
     let block = per_group * plane;
-    if block == 0 {
-        return (f32_tensor(Vec::new(), vec![b, c, h, w]), Vec::new());
-    }
     let (out, stats) = build(b * c * plane, block, true, |i, dst| {
         let channels = (i % groups) * per_group..(i % groups + 1) * per_group;
         pulp::Arch::new().dispatch(GroupNormBlock {
@@ -440,10 +435,8 @@ fn group_norm_backward(
     let x = contiguous(&state.x);
     let (gamma, beta) = (contiguous(&state.gamma), contiguous(&state.beta));
     let grad = contiguous(grad);
-    let src = x.as_slice::<f32>().expect("float32 GroupNorm input");
-    let gamma = gamma.as_slice::<f32>().expect("float32 gamma");
-    let beta = beta.as_slice::<f32>().expect("float32 beta");
-    let dy = grad.as_slice::<f32>().expect("float32 gradient");
+    let (src, dy) = (f32s(&x), f32s(&grad));
+    let (gamma, beta) = (f32s(&gamma), f32s(&beta));
     let groups = state.norm.groups;
     let plane = h * w;
     let per_group = c / groups;
@@ -451,7 +444,7 @@ fn group_norm_backward(
     let mut dgamma = vec![0.0f64; c];
     let mut dbeta = vec![0.0f64; c];
     // Per (image, group) block: the input gradient, and each channel's Σ dy and Σ dy · x̂.
-    let (dx, sums) = build(b * c * plane, block.max(1), true, |i, dst| {
+    let (dx, sums) = build(b * c * plane, block, true, |i, dst| {
         let channels = (i % groups) * per_group..(i % groups + 1) * per_group;
         let mut sums = vec![[0.0f64; 2]; per_group];
         pulp::Arch::new().dispatch(GroupNormGradBlock {
@@ -586,11 +579,22 @@ fn contiguous(x: &FlexTensor) -> FlexTensor {
     }
 }
 
+/// The values of a float32 tensor made contiguous by [`contiguous`]. Only float32 tensors come
+/// to these kernels (checked by the routing in `unet::layers`).
+fn f32s(x: &FlexTensor) -> &[f32] {
+    x.as_slice::<f32>()
+        .expect("the CPU kernels take contiguous float32 tensors")
+}
+
+/// Whether a batch runs one image per rayon thread (each product on its own thread) rather
+/// than one image at a time with each product spread over the threads.
+fn images_in_parallel(batch: usize) -> bool {
+    batch >= rayon::current_num_threads()
+}
+
 fn silu_forward(x: &FlexTensor) -> FlexTensor {
     let x = contiguous(x);
-    let src = x
-        .as_slice::<f32>()
-        .expect("flex_silu takes float32 tensors (checked by activation::silu)");
+    let src = f32s(&x);
     let (out, _) = build(src.len(), CHUNK, src.len() > CHUNK, |i, out| {
         let x = &src[i * CHUNK..src.len().min((i + 1) * CHUNK)];
         pulp::Arch::new().dispatch(SiluSlice { x, out })
@@ -601,8 +605,7 @@ fn silu_forward(x: &FlexTensor) -> FlexTensor {
 fn silu_backward(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
     let x = contiguous(x);
     let grad = contiguous(grad);
-    let src = x.as_slice::<f32>().expect("float32 input");
-    let g = grad.as_slice::<f32>().expect("float32 gradient");
+    let (src, g) = (f32s(&x), f32s(&grad));
     assert_eq!(src.len(), g.len(), "SiLU gradient shape");
     let (out, _) = build(src.len(), CHUNK, src.len() > CHUNK, |i, out| {
         let chunk = i * CHUNK..src.len().min((i + 1) * CHUNK);

@@ -13,7 +13,7 @@ use burn::backend::flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::gemm::{Mat, MatMut, matmul};
-use super::{contiguous, exp, f32_tensor, with_thread_buffers};
+use super::{contiguous, exp, f32_tensor, f32s, images_in_parallel, with_thread_buffers};
 
 thread_local! {
     /// Each thread's score buffers, reused from image to image.
@@ -90,7 +90,7 @@ impl Heads {
     /// Runs `f(i, parallel)` for every image: one image per rayon thread when there are enough
     /// images (each product on one thread), else one after another with parallel products.
     fn for_each_image<T: Send>(&self, chunks: Vec<T>, f: impl Fn(usize, T, bool) + Sync + Send) {
-        if self.batch >= rayon::current_num_threads() {
+        if images_in_parallel(self.batch) {
             chunks
                 .into_par_iter()
                 .enumerate()
@@ -103,11 +103,6 @@ impl Heads {
     }
 }
 
-fn slice(x: &FlexTensor) -> &[f32] {
-    x.as_slice::<f32>()
-        .expect("attention takes contiguous float32 tensors")
-}
-
 /// The attention output `[batch, len, channels]` and each (image, head, row)'s log-sum-exp of
 /// its scaled scores.
 pub(super) fn attention_forward(
@@ -118,7 +113,7 @@ pub(super) fn attention_forward(
 ) -> (FlexTensor, Vec<f32>) {
     let g = Heads::of(q, heads);
     let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
-    let (qs, ks, vs) = (slice(&q), slice(&k), slice(&v));
+    let (qs, ks, vs) = (f32s(&q), f32s(&k), f32s(&v));
     let (image, len) = (g.image(), g.len);
     let mut out = vec![0.0f32; g.batch * image];
     let mut lse = vec![0.0f32; g.batch * g.heads * len];
@@ -173,7 +168,7 @@ pub(super) fn attention_backward(
         contiguous(v),
         contiguous(grad),
     );
-    let (qs, ks, vs, dos) = (slice(&q), slice(&k), slice(&v), slice(&dout));
+    let (qs, ks, vs, dos) = (f32s(&q), f32s(&k), f32s(&v), f32s(&dout));
     let (image, len) = (g.image(), g.len);
     let mut dq = vec![0.0f32; g.batch * image];
     let mut dk = vec![0.0f32; g.batch * image];

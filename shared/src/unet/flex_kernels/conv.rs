@@ -4,8 +4,9 @@
 //! kernel the image itself is the column matrix.
 //!
 //! Backward: the weight gradient is `Σ_b grad_b · rows_b`, with the patches laid out one pixel
-//! per row ([`with_rows`]), summed in place per thread; the input gradient is the same convolution of the output gradient with the weight's in and out
-//! channels swapped and its kernel turned by 180°.
+//! per row ([`with_rows`]), summed in place per thread; the input gradient is the same
+//! convolution of the output gradient with the weight's in and out channels swapped and its
+//! kernel turned by 180°.
 
 use std::cell::RefCell;
 
@@ -17,7 +18,7 @@ use rayon::prelude::*;
 
 use super::gemm::{Mat, MatMut, matmul};
 use super::output::build;
-use super::{contiguous, dims4, f32_tensor, with_thread_buffers};
+use super::{contiguous, dims4, f32_tensor, f32s, images_in_parallel, with_thread_buffers};
 
 thread_local! {
     /// Each thread's im2col buffer, reused from image to image.
@@ -29,11 +30,6 @@ thread_local! {
 /// The side of a square kernel `[c_out, c_in, k, k]`.
 pub(super) fn kernel_side(weight: &FlexTensor) -> usize {
     dims4(weight)[3]
-}
-
-fn slice(x: &FlexTensor) -> &[f32] {
-    x.as_slice::<f32>()
-        .expect("the convolution kernels take contiguous float32 tensors")
 }
 
 /// Calls `f` with one image `[c, h, w]`'s columns, `[c · k², h · w]`.
@@ -177,12 +173,6 @@ fn im2col3x3(src: &[f32], [c, h, w]: [usize; 3], cols: &mut Vec<f32>) {
     }
 }
 
-/// Whether to run one image per rayon thread (each product on its own thread) rather than one
-/// image at a time with each product spread over the threads.
-fn images_in_parallel(batch: usize) -> bool {
-    batch >= rayon::current_num_threads()
-}
-
 /// The convolution: per image, `weight · columns` (+ bias `[c_out]`). `x` is `[b, c_in, h, w]`
 /// and `weight` `[c_out, c_in, k, k]` with k = 1 or 3.
 pub(super) fn conv_forward(
@@ -194,8 +184,8 @@ pub(super) fn conv_forward(
     let [c_out, _, kernel, _] = dims4(weight);
     let (x, weight) = (contiguous(x), contiguous(weight));
     let bias = bias.map(contiguous);
-    let (src, bias) = (slice(&x), bias.as_ref().map(slice));
-    let weight = Mat::row_major(slice(&weight), c_out, c_in * kernel * kernel);
+    let (src, bias) = (f32s(&x), bias.as_ref().map(f32s));
+    let weight = Mat::row_major(f32s(&weight), c_out, c_in * kernel * kernel);
     let (image, plane) = (c_in * h * w, h * w);
     // One image per rayon thread, or one image at a time with each product parallel.
     let images_parallel = images_in_parallel(b);
@@ -227,7 +217,7 @@ pub(super) fn conv_weight_grad(x: &FlexTensor, grad: &FlexTensor, kernel: usize)
     let [b, c_in, h, w] = dims4(x);
     let c_out = dims4(grad)[1];
     let (x, grad) = (contiguous(x), contiguous(grad));
-    let (src, dy) = (slice(&x), slice(&grad));
+    let (src, dy) = (f32s(&x), f32s(&grad));
     let (image, plane, taps) = (c_in * h * w, h * w, c_in * kernel * kernel);
     let runs = rayon::current_num_threads().clamp(1, b.max(1));
     let per_run = b.div_ceil(runs);
