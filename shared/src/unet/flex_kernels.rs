@@ -771,9 +771,11 @@ mod tests {
         let device = Device::flex().autodiff();
         let mut noise = crate::noise::SeededNoise::new(5);
         // Odd sizes, one channel in (the stem), one image (each product spread over the
-        // threads) and batches of one image per thread; 3×3 and 1×1 (the ResNet shortcut).
+        // threads) and batches of one image per thread; 3×3 and 1×1 (the ResNet shortcut); a
+        // 16×16 plane, whose im2col rows are padded apart.
         for (k, b, c_in, c_out, h, w) in [
             (3, 3, 4, 5, 7, 9),
+            (3, 2, 3, 4, 16, 16),
             (3, 2, 1, 8, 28, 28),
             (3, 1, 16, 16, 14, 14),
             (3, 4, 16, 16, 14, 14),

@@ -32,6 +32,15 @@ pub(super) fn kernel_side(weight: &FlexTensor) -> usize {
     dims4(weight)[3]
 }
 
+/// How far apart the im2col rows of a `plane`-pixel image are kept. GEMM reads the columns
+/// matrix down its rows, one value per row and step; rows a multiple of 1 KiB apart all land in
+/// the same few L1 cache sets and evict each other. 32×32 planes are exactly 4 KiB: 16 floats of
+/// padding per row took the level-0 forward convolutions of the cifar preset from 33–38 to
+/// 45–52 GFLOP/s on one thread (`ddpm bench --phases conv` measures the same shape).
+fn column_row_stride(plane: usize) -> usize {
+    if plane % 256 == 0 { plane + 16 } else { plane }
+}
+
 /// Calls `f` with one image `[c, h, w]`'s columns, `[c · k², h · w]`.
 fn with_columns<R>(
     image: &[f32],
@@ -42,9 +51,13 @@ fn with_columns<R>(
     if kernel == 1 {
         return f(Mat::row_major(image, c, h * w));
     }
+    let stride = column_row_stride(h * w);
     let run = |buffer: &mut Vec<f32>| {
-        im2col3x3(image, [c, h, w], buffer);
-        f(Mat::row_major(buffer, c * 9, h * w))
+        im2col3x3(image, [c, h, w], buffer, stride);
+        f(Mat {
+            row_stride: stride,
+            ..Mat::row_major(buffer, c * 9, h * w)
+        })
     };
     with_thread_buffers(&COLUMNS, run)
 }
@@ -133,8 +146,8 @@ fn im2row3x3(hwc: &[f32], [c, h, w]: [usize; 3], rows: &mut [f32]) {
     }
 }
 
-/// The 3×3 patches of one image `[c, h, w]` (padding 1) as columns `[c · 9, h · w]` in `cols`:
-/// row `c · 9 + ky · 3 + kx` holds `x[c, y + ky − 1, x + kx − 1]` (0 outside) at column
+/// The 3×3 patches of one image `[c, h, w]` (padding 1) as columns `[c · 9, h · w]` in `cols`,
+/// rows `stride` (≥ `h · w`) apart: row `c · 9 + ky · 3 + kx` holds `x[c, y + ky − 1, x + kx − 1]` (0 outside) at column
 /// `y · w + x`. Row order matches the weight's `[c_out, c_in, 3, 3]` layout, so the convolution
 /// is `weight · columns`.
 ///
@@ -143,18 +156,20 @@ fn im2row3x3(hwc: &[f32], [c, h, w]: [usize; 3], rows: &mut [f32]) {
 /// image row (x = 0 for kx = 0, x = w − 1 for kx = 2) set to 0. Copying row by row made a
 /// `memcpy` call per image row (16 million calls in one sampling run at batch 64), and a fused
 /// per-row loop ran on 128-bit registers for the narrow rows of the lower levels.
-fn im2col3x3(src: &[f32], [c, h, w]: [usize; 3], cols: &mut Vec<f32>) {
+fn im2col3x3(src: &[f32], [c, h, w]: [usize; 3], cols: &mut Vec<f32>, stride: usize) {
     let plane = h * w;
-    // Every element is written below: resizing only zero-fills when the buffer grows.
-    cols.resize(c * 9 * plane, 0.0);
+    // Every element the product reads is written below: resizing only zero-fills when the
+    // buffer grows.
+    cols.resize(c * 9 * stride, 0.0);
     if plane == 0 {
         return;
     }
     for (channel, rows) in src
         .chunks_exact(plane)
-        .zip(cols.chunks_exact_mut(9 * plane))
+        .zip(cols.chunks_exact_mut(9 * stride))
     {
-        for (tap, row) in rows.chunks_exact_mut(plane).enumerate() {
+        for (tap, row) in rows.chunks_exact_mut(stride).enumerate() {
+            let row = &mut row[..plane];
             let (ky, kx) = (tap / 3, tap % 3);
             // row[p] = channel[p + shift] where that stays on the plane.
             let shift = (ky as isize - 1) * w as isize + kx as isize - 1;
