@@ -34,6 +34,7 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Flex, backend_extension};
 use burn::tensor::TensorData;
+use std::ops::Range;
 
 use output::{Writer, build};
 
@@ -85,12 +86,13 @@ pub trait FlexKernels: Backend {
         v: FloatTensor<Self>,
         heads: usize,
     ) -> FloatTensor<Self>;
-    /// Stride-1 convolution with bias, 1×1 without padding or 3×3 with padding 1: `x`
-    /// `[b, c_in, h, w]`, `weight` `[c_out, c_in, k, k]`, `bias` `[c_out]`.
+    /// Convolution with bias, 1×1 (stride 1, no padding) or 3×3 with any stride and padding:
+    /// `x` `[b, c_in, h, w]`, `weight` `[c_out, c_in, k, k]`, `bias` `[c_out]`.
     fn flex_conv(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        spec: ConvSpec,
     ) -> FloatTensor<Self>;
     /// GroupNorm with a per-channel scale `gamma` and shift `beta` (`[c]`) over `x`
     /// `[b, c, h, w]`, followed by SiLU in the same pass when `silu` is set.
@@ -111,8 +113,13 @@ impl FlexKernels for Flex {
         attention::attention_forward(&q, &k, &v, heads).0
     }
 
-    fn flex_conv(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
-        conv::conv_forward(&x, &weight, Some(&bias))
+    fn flex_conv(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        spec: ConvSpec,
+    ) -> FlexTensor {
+        conv::conv_forward(&x, &weight, Some(&bias), spec)
     }
 
     fn flex_group_norm(
@@ -140,15 +147,66 @@ impl Backward<Flex, 1> for SiluBackward {
     }
 }
 
-/// The backward step of the convolution, from the saved input and weight.
+/// A convolution's stride (the same along both axes) and padding, `[top, left, bottom, right]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvSpec {
+    /// Step between output pixels, in input pixels.
+    pub stride: usize,
+    /// Zero rows and columns around the input: top, left, bottom, right.
+    pub padding: [usize; 4],
+}
+
+impl ConvSpec {
+    /// Whether a `kernel`-sided convolution keeps the image size (stride 1, padding `k / 2` on
+    /// every side): the case of the stride-1 kernels.
+    pub fn keeps_size(self, kernel: usize) -> bool {
+        self.stride == 1 && self.padding == [kernel / 2; 4]
+    }
+
+    /// The output size of a `kernel`-sided convolution of an `[h, w]` image (0 where the padded
+    /// image is smaller than the kernel).
+    pub fn output_size(self, kernel: usize, [h, w]: [usize; 2]) -> [usize; 2] {
+        let [top, left, bottom, right] = self.padding;
+        let side = |n: usize, before: usize, after: usize| {
+            (n + before + after)
+                .checked_sub(kernel)
+                .map_or(0, |d| d / self.stride.max(1) + 1)
+        };
+        [side(h, top, bottom), side(w, left, right)]
+    }
+
+    /// The input index that output index `o` reads at kernel offset `k` along `axis` (0: rows,
+    /// 1: columns) of an input `n` long, or `None` in the padding.
+    #[inline(always)]
+    fn source(self, o: usize, k: usize, axis: usize, n: usize) -> Option<usize> {
+        (o * self.stride + k)
+            .checked_sub(self.padding[axis])
+            .filter(|&i| i < n)
+    }
+
+    /// The outputs (of `n_out`) that read inside an input `n` long at kernel offset `k` along
+    /// `axis`, a contiguous run, and the input index the first of them reads.
+    #[inline(always)]
+    fn inside(self, k: usize, axis: usize, n: usize, n_out: usize) -> (Range<usize>, usize) {
+        let (s, pad) = (self.stride.max(1), self.padding[axis]);
+        // o · s + k − pad ∈ [0, n)  ⇔  o ∈ [⌈(pad − k) / s⌉, ⌊(n − 1 + pad − k) / s⌋].
+        let end = (n + pad)
+            .checked_sub(k + 1)
+            .map_or(0, |d| (d / s + 1).min(n_out));
+        let start = pad.saturating_sub(k).div_ceil(s).min(end);
+        (start..end, (start * s + k).saturating_sub(pad).min(n))
+    }
+}
+
+/// The backward step of the convolution, from the saved input, weight and settings.
 #[derive(Debug)]
 struct ConvBackward;
 
 impl Backward<Flex, 3> for ConvBackward {
-    type State = (FlexTensor, FlexTensor);
+    type State = (FlexTensor, FlexTensor, ConvSpec);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (x, weight) = ops.state;
+        let (x, weight, spec) = ops.state;
         let [node_x, node_w, node_b] = ops.parents;
         let grad = grads.consume::<Flex>(&ops.node);
         let grad = contiguous(&grad);
@@ -157,10 +215,10 @@ impl Backward<Flex, 3> for ConvBackward {
         }
         if let Some(node) = node_w {
             let kernel = conv::kernel_side(&weight);
-            grads.register::<Flex>(node.id, conv::conv_weight_grad(&x, &grad, kernel));
+            grads.register::<Flex>(node.id, conv::conv_weight_grad(&x, &grad, kernel, spec));
         }
         if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, conv::conv_input_grad(&weight, &grad));
+            grads.register::<Flex>(node.id, conv::conv_input_grad(&x, &weight, &grad, spec));
         }
     }
 }
@@ -293,17 +351,18 @@ impl<C: CheckpointStrategy> FlexKernels for Autodiff<Flex, C> {
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        spec: ConvSpec,
     ) -> FloatTensor<Self> {
         let (x, guard_x) = x.into_parts();
         let (weight, guard_w) = weight.into_parts();
         let (bias, guard_b) = bias.into_parts();
-        let output = conv::conv_forward(&x, &weight, Some(&bias));
+        let output = conv::conv_forward(&x, &weight, Some(&bias), spec);
         match ConvBackward
             .prepare::<C>([guard_x, guard_w, guard_b])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish((x, weight), output),
+            OpsKind::Tracked(prep) => prep.finish((x, weight, spec), output),
             OpsKind::UnTracked(prep) => prep.finish(output),
         }
     }
@@ -772,30 +831,41 @@ mod tests {
         let mut noise = crate::noise::SeededNoise::new(5);
         // Odd sizes, one channel in (the stem), one image (each product spread over the
         // threads) and batches of one image per thread; 3×3 and 1×1 (the ResNet shortcut); a
-        // 16×16 plane, whose im2col rows are padded apart.
-        for (k, b, c_in, c_out, h, w) in [
-            (3, 3, 4, 5, 7, 9),
-            (3, 2, 3, 4, 16, 16),
-            (3, 2, 1, 8, 28, 28),
-            (3, 1, 16, 16, 14, 14),
-            (3, 4, 16, 16, 14, 14),
-            (1, 3, 6, 5, 7, 9),
-            (1, 1, 16, 8, 14, 14),
+        // 16×16 plane, whose im2col rows are padded apart; stride 2 with padding on every side
+        // or only bottom and right (the downsampling convolutions), on even and odd sizes.
+        let same = PaddingConfig2d::Explicit(1, 1, 1, 1);
+        let bottom_right = PaddingConfig2d::Explicit(0, 0, 1, 1);
+        for (k, stride, padding, b, c_in, c_out, h, w) in [
+            (3, 1, same.clone(), 3, 4, 5, 7, 9),
+            (3, 1, same.clone(), 2, 3, 4, 16, 16),
+            (3, 1, same.clone(), 2, 1, 8, 28, 28),
+            (3, 1, same.clone(), 1, 16, 16, 14, 14),
+            (3, 1, same.clone(), 4, 16, 16, 14, 14),
+            (1, 1, PaddingConfig2d::Valid, 3, 6, 5, 7, 9),
+            (1, 1, PaddingConfig2d::Valid, 1, 16, 8, 14, 14),
+            (3, 2, bottom_right.clone(), 3, 4, 6, 8, 8),
+            (3, 2, bottom_right, 2, 5, 3, 7, 9),
+            (3, 2, same.clone(), 1, 6, 6, 9, 6),
+            (3, 2, same, 4, 3, 5, 10, 10),
+            (3, 1, PaddingConfig2d::Valid, 2, 3, 4, 6, 5),
         ] {
-            let padding = match k {
-                3 => PaddingConfig2d::Explicit(1, 1, 1, 1),
-                _ => PaddingConfig2d::Valid,
-            };
             let conv = Conv2dConfig::new([c_in, c_out], [k, k])
+                .with_stride([stride, stride])
                 .with_padding(padding)
                 .init(&device);
+            let spec = crate::unet::layers::flex_conv_spec(&conv, [b, c_in, h, w]);
+            assert!(
+                spec.is_some(),
+                "{k}×{k} stride {stride} is not routed to the kernels"
+            );
+            let [ho, wo] = spec.unwrap().output_size(k, [h, w]);
             let n = b * c_in * h * w;
             let x = Tensor::<4>::from_data(
                 TensorData::new(noise.sample_vec(n), [b, c_in, h, w]),
                 &device,
             );
             let up = Tensor::<4>::from_data(
-                TensorData::new(noise.sample_vec(b * c_out * h * w), [b, c_out, h, w]),
+                TensorData::new(noise.sample_vec(b * c_out * ho * wo), [b, c_out, ho, wo]),
                 &device,
             );
             let run = |fast: bool| {
@@ -816,7 +886,7 @@ mod tests {
             };
             let (y1, gx1, gw1, gb1) = run(true);
             let (y2, gx2, gw2, gb2) = run(false);
-            let case = format!("{k}×{k}, b {b}, c {c_in}→{c_out}, {h}×{w}");
+            let case = format!("{k}×{k} stride {stride}, b {b}, c {c_in}→{c_out}, {h}×{w}");
             // Relative to the reference's largest entry: the weight and bias gradients are sums
             // over b · h · w products, accumulated in a different order.
             let check = |name: &str, ours: Tensor<4>, burns: Tensor<4>| {

@@ -76,23 +76,14 @@ pub(crate) fn multi_head_attention_ops(
     out.swap_dims(1, 2).reshape([batch, len, inner])
 }
 
-/// `conv.forward(x)`, except that stride-1 convolutions with bias, 3×3 with padding 1 or 1×1
-/// without padding, on float32 tensors on burn's CPU backend take [`super::flex_kernels`]'
-/// im2col + GEMM kernels when they are compiled in (feature `flex-kernels`).
+/// `conv.forward(x)`, except that convolutions with bias, 3×3 with any stride and explicit
+/// padding or 1×1 with stride 1 and no padding, on float32 tensors on burn's CPU backend take
+/// [`super::flex_kernels`]' im2col + GEMM kernels when they are compiled in (feature
+/// `flex-kernels`).
 pub fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     #[cfg(feature = "flex-kernels")]
     if on_flex_f32(&x)
-        && conv.stride == [1, 1]
-        && conv.dilation == [1, 1]
-        && conv.groups == 1
-        && match conv.kernel_size {
-            [3, 3] => conv.padding == PaddingConfig2d::Explicit(1, 1, 1, 1),
-            [1, 1] => matches!(
-                conv.padding,
-                PaddingConfig2d::Valid | PaddingConfig2d::Explicit(0, 0, 0, 0)
-            ),
-            _ => false,
-        }
+        && let Some(spec) = flex_conv_spec(conv, x.dims())
         && let Some(bias) = &conv.bias
     {
         use super::flex_kernels::FlexKernels;
@@ -100,9 +91,39 @@ pub fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
             x.into_dispatch(),
             conv.weight.val().into_dispatch(),
             bias.val().into_dispatch(),
+            spec,
         ));
     }
     conv.forward(x)
+}
+
+/// The stride and padding of `conv` on an input of `dims` when [`super::flex_kernels`]' conv
+/// kernels compute it: 3×3 with the same stride along both axes and explicit padding (an output
+/// of at least one pixel), or 1×1 with stride 1 and no padding; ungrouped, undilated.
+#[cfg(feature = "flex-kernels")]
+pub(crate) fn flex_conv_spec(
+    conv: &Conv2d,
+    [_, _, h, w]: [usize; 4],
+) -> Option<super::flex_kernels::ConvSpec> {
+    let padding = match conv.padding {
+        PaddingConfig2d::Valid => [0; 4],
+        PaddingConfig2d::Explicit(top, left, bottom, right) => [top, left, bottom, right],
+        _ => return None,
+    };
+    let spec = super::flex_kernels::ConvSpec {
+        stride: conv.stride[0],
+        padding,
+    };
+    let supported = conv.stride[0] == conv.stride[1]
+        && spec.stride >= 1
+        && conv.dilation == [1, 1]
+        && conv.groups == 1
+        && match conv.kernel_size {
+            [3, 3] => spec.output_size(3, [h, w]).iter().all(|&n| n > 0),
+            [1, 1] => spec.keeps_size(1),
+            _ => false,
+        };
+    supported.then_some(spec)
 }
 
 /// A 3×3 convolution with padding 1 (or `padding` on every side).

@@ -1,12 +1,17 @@
-//! Stride-1 convolutions with 1×1 (no padding) and 3×3 (padding 1) kernels, one image at a time:
-//! the 3×3 patches as im2col columns in a per-thread buffer that stays in cache, then one GEMM
-//! that writes the image's output straight into the batch tensor, then the bias. For a 1×1
-//! kernel the image itself is the column matrix.
+//! Convolutions with 1×1 (stride 1, no padding) and 3×3 kernels, one image at a time: the 3×3
+//! patches as im2col columns in a per-thread buffer that stays in cache, then one GEMM that
+//! writes the image's output straight into the batch tensor, then the bias. For a 1×1 kernel the
+//! image itself is the column matrix.
 //!
-//! Backward: the weight gradient is `Σ_b grad_b · rows_b`, with the patches laid out one pixel
-//! per row ([`with_rows`]), summed in place per thread; the input gradient is the same
-//! convolution of the output gradient with the weight's in and out channels swapped and its
-//! kernel turned by 180°.
+//! Backward, stride 1 with padding 1 (the ResNets' convolutions): the weight gradient is
+//! `Σ_b grad_b · rows_b`, with the patches laid out one pixel per row ([`with_rows`]), summed in
+//! place per thread; the input gradient is the same convolution of the output gradient with the
+//! weight's in and out channels swapped and its kernel turned by 180°.
+//!
+//! Any other stride or padding of a 3×3 kernel (the downsampling convolutions: stride 2,
+//! padding 1 or only on the bottom and right) takes the general path: strided im2col forward;
+//! the weight gradient `Σ_b grad_b · columns_bᵀ`; the input gradient as `weightᵀ · grad_b`
+//! scattered back onto the image (col2im).
 
 use std::cell::RefCell;
 
@@ -18,7 +23,9 @@ use rayon::prelude::*;
 
 use super::gemm::{Mat, MatMut, matmul};
 use super::output::build;
-use super::{contiguous, dims4, f32_tensor, f32s, images_in_parallel, with_thread_buffers};
+use super::{
+    ConvSpec, contiguous, dims4, f32_tensor, f32s, images_in_parallel, with_thread_buffers,
+};
 
 thread_local! {
     /// Each thread's im2col buffer, reused from image to image.
@@ -189,19 +196,21 @@ fn im2col3x3(src: &[f32], [c, h, w]: [usize; 3], cols: &mut Vec<f32>, stride: us
 }
 
 /// The convolution: per image, `weight · columns` (+ bias `[c_out]`). `x` is `[b, c_in, h, w]`
-/// and `weight` `[c_out, c_in, k, k]` with k = 1 or 3.
+/// and `weight` `[c_out, c_in, k, k]` with k = 1 (stride 1, no padding) or 3.
 pub(super) fn conv_forward(
     x: &FlexTensor,
     weight: &FlexTensor,
     bias: Option<&FlexTensor>,
+    spec: ConvSpec,
 ) -> FlexTensor {
     let [b, c_in, h, w] = dims4(x);
     let [c_out, _, kernel, _] = dims4(weight);
+    let [ho, wo] = spec.output_size(kernel, [h, w]);
     let (x, weight) = (contiguous(x), contiguous(weight));
     let bias = bias.map(contiguous);
     let (src, bias) = (f32s(&x), bias.as_ref().map(f32s));
     let weight = Mat::row_major(f32s(&weight), c_out, c_in * kernel * kernel);
-    let (image, plane) = (c_in * h * w, h * w);
+    let (image, plane) = (c_in * h * w, ho * wo);
     // One image per rayon thread, or one image at a time with each product parallel.
     let images_parallel = images_in_parallel(b);
     let (out, _) = build(
@@ -209,9 +218,17 @@ pub(super) fn conv_forward(
         c_out * plane,
         images_parallel,
         |i, dst| {
-            with_columns(&src[i * image..][..image], [c_in, h, w], kernel, |cols| {
-                dst.push_product(weight, cols, !images_parallel)
-            });
+            let image = &src[i * image..][..image];
+            let parallel = !images_parallel;
+            if spec.keeps_size(kernel) {
+                with_columns(image, [c_in, h, w], kernel, |cols| {
+                    dst.push_product(weight, cols, parallel)
+                });
+            } else {
+                with_strided_columns(image, [c_in, h, w], spec, |cols| {
+                    dst.push_product(weight, cols, parallel)
+                });
+            }
             // The bias goes on while the image's output is still in cache.
             if let Some(bias) = bias {
                 for (channel, &v) in dst.written_mut().chunks_mut(plane).zip(bias) {
@@ -222,43 +239,73 @@ pub(super) fn conv_forward(
             }
         },
     );
-    f32_tensor(out, vec![b, c_out, h, w])
+    f32_tensor(out, vec![b, c_out, ho, wo])
 }
 
-/// `Σ_b grad_b · rows_b` (the patch rows of [`with_rows`]), shaped like the weight
-/// `[c_out, c_in, k, k]`. The batch is cut into one run of images per thread, each summed in
-/// place, then the runs are added in order.
-pub(super) fn conv_weight_grad(x: &FlexTensor, grad: &FlexTensor, kernel: usize) -> FlexTensor {
-    let [b, c_in, h, w] = dims4(x);
-    let c_out = dims4(grad)[1];
-    let (x, grad) = (contiguous(x), contiguous(grad));
-    let (src, dy) = (f32s(&x), f32s(&grad));
-    let (image, plane, taps) = (c_in * h * w, h * w, c_in * kernel * kernel);
+/// `Σ_i add_image(i, acc)` over the batch's `b` images into a `len`-long sum: the batch is cut
+/// into one run of images per thread, each summed in place, then the runs are added in order.
+/// `add_image` is told whether its products may spread over the threads (one image at a time).
+fn sum_over_images(
+    b: usize,
+    len: usize,
+    add_image: impl Fn(usize, &mut [f32], bool) + Sync,
+) -> Vec<f32> {
     let runs = rayon::current_num_threads().clamp(1, b.max(1));
     let per_run = b.div_ceil(runs);
     let parallel = !images_in_parallel(b);
     let partial: Vec<Vec<f32>> = (0..runs)
         .into_par_iter()
         .map(|run| {
-            // In the patch rows' (ky, kx, c) column order.
-            let mut acc = vec![0.0f32; c_out * taps];
+            let mut acc = vec![0.0f32; len];
             for i in (run * per_run..b).take(per_run) {
-                let g = Mat::row_major(&dy[i * c_out * plane..][..c_out * plane], c_out, plane);
-                with_rows(&src[i * image..][..image], [c_in, h, w], kernel, |rows| {
-                    let acc = MatMut::row_major(&mut acc, c_out, taps);
-                    matmul(acc, g, rows, true, parallel)
-                });
+                add_image(i, &mut acc, parallel);
             }
             acc
         })
         .collect();
     let mut partial = partial.into_iter();
-    let mut sum = partial.next().unwrap_or_else(|| vec![0.0; c_out * taps]);
+    let mut sum = partial.next().unwrap_or_else(|| vec![0.0; len]);
     for part in partial {
         for (s, p) in sum.iter_mut().zip(part) {
             *s += p;
         }
     }
+    sum
+}
+
+/// The weight gradient, shaped like the weight `[c_out, c_in, k, k]`: `Σ_b grad_b · rows_b`
+/// (the patch rows of [`with_rows`]) for a size-keeping convolution, `Σ_b grad_b · columns_bᵀ`
+/// otherwise.
+pub(super) fn conv_weight_grad(
+    x: &FlexTensor,
+    grad: &FlexTensor,
+    kernel: usize,
+    spec: ConvSpec,
+) -> FlexTensor {
+    let [_, c_in, h, w] = dims4(x);
+    let [b, c_out, ho, wo] = dims4(grad);
+    let (x, grad) = (contiguous(x), contiguous(grad));
+    let (src, dy) = (f32s(&x), f32s(&grad));
+    let (image, plane, taps) = (c_in * h * w, ho * wo, c_in * kernel * kernel);
+    let grad_of =
+        |i: usize| Mat::row_major(&dy[i * c_out * plane..][..c_out * plane], c_out, plane);
+    if !spec.keeps_size(kernel) {
+        let sum = sum_over_images(b, c_out * taps, |i, acc, parallel| {
+            let image = &src[i * image..][..image];
+            with_strided_columns(image, [c_in, h, w], spec, |cols| {
+                let acc = MatMut::row_major(acc, c_out, taps);
+                matmul(acc, grad_of(i), cols.t(), true, parallel)
+            })
+        });
+        return f32_tensor(sum, vec![c_out, c_in, kernel, kernel]);
+    }
+    // In the patch rows' (ky, kx, c) column order.
+    let sum = sum_over_images(b, c_out * taps, |i, acc, parallel| {
+        with_rows(&src[i * image..][..image], [c_in, h, w], kernel, |rows| {
+            let acc = MatMut::row_major(acc, c_out, taps);
+            matmul(acc, grad_of(i), rows, true, parallel)
+        })
+    });
     // (ky, kx, c) → the weight's (c, ky, kx).
     let k2 = kernel * kernel;
     let mut weight = vec![0.0f32; c_out * taps];
@@ -272,11 +319,108 @@ pub(super) fn conv_weight_grad(x: &FlexTensor, grad: &FlexTensor, kernel: usize)
     f32_tensor(weight, vec![c_out, c_in, kernel, kernel])
 }
 
-/// The input gradient: the convolution of the output gradient with the weight's in and out
-/// channels swapped and its kernel turned by 180° (padding 1 for 3×3, none for 1×1).
-pub(super) fn conv_input_grad(weight: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
-    let turned = Flex::float_flip(Flex::float_swap_dims(weight.clone(), 0, 1), &[2, 3]);
-    conv_forward(grad, &turned.to_contiguous(), None)
+/// The input gradient for an input `x` (only its shape is read). Size-keeping: the convolution
+/// of the output gradient with the weight's in and out channels swapped and its kernel turned by
+/// 180°. Otherwise, per image, the patch gradients `weightᵀ · grad` added back onto the pixels
+/// they were taken from.
+pub(super) fn conv_input_grad(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    grad: &FlexTensor,
+    spec: ConvSpec,
+) -> FlexTensor {
+    let [_, c_in, h, w] = dims4(x);
+    let [c_out, _, kernel, _] = dims4(weight);
+    if spec.keeps_size(kernel) {
+        let turned = Flex::float_flip(Flex::float_swap_dims(weight.clone(), 0, 1), &[2, 3]);
+        return conv_forward(grad, &turned.to_contiguous(), None, spec);
+    }
+    let [b, _, ho, wo] = dims4(grad);
+    let (weight, grad) = (contiguous(weight), contiguous(grad));
+    let (weight, dy) = (f32s(&weight), f32s(&grad));
+    let (taps, plane) = (c_in * kernel * kernel, ho * wo);
+    let weight_t = Mat::row_major(weight, c_out, taps).t();
+    let images_parallel = images_in_parallel(b);
+    let (dx, _) = build(b * c_in * h * w, c_in * h * w, images_parallel, |i, dst| {
+        let g = Mat::row_major(&dy[i * c_out * plane..][..c_out * plane], c_out, plane);
+        with_thread_buffers(&COLUMNS, |cols| {
+            cols.resize(taps * plane, 0.0);
+            let cols_grad = MatMut::row_major(cols, taps, plane);
+            matmul(cols_grad, weight_t, g, false, !images_parallel);
+            dst.push_filled(c_in * h * w, 0.0);
+            col2im_add(cols, [h, w], spec, dst.written_mut());
+        })
+    });
+    f32_tensor(dx, vec![b, c_in, h, w])
+}
+
+/// Calls `f` with one image `[c, h, w]`'s 3×3 patches under `spec` as columns `[c · 9, ho · wo]`
+/// (the output size): row `c · 9 + ky · 3 + kx` holds, at column `oy · wo + ox`, the pixel
+/// `(oy · stride + ky − top, ox · stride + kx − left)` of channel `c`, or 0 in the padding.
+fn with_strided_columns<R>(
+    image: &[f32],
+    [c, h, w]: [usize; 3],
+    spec: ConvSpec,
+    f: impl FnOnce(Mat) -> R,
+) -> R {
+    let [ho, wo] = spec.output_size(3, [h, w]);
+    let plane = ho * wo;
+    let run = |cols: &mut Vec<f32>| {
+        cols.resize(c * 9 * plane, 0.0);
+        if plane > 0 {
+            for (channel, rows) in image
+                .chunks_exact(h * w)
+                .zip(cols.chunks_exact_mut(9 * plane))
+            {
+                for (tap, row) in rows.chunks_exact_mut(plane).enumerate() {
+                    let (inside, first) = spec.inside(tap % 3, 1, w, wo);
+                    for (oy, out) in row.chunks_exact_mut(wo).enumerate() {
+                        let Some(y) = spec.source(oy, tap / 3, 0, h) else {
+                            out.fill(0.0);
+                            continue;
+                        };
+                        let line = &channel[y * w..(y + 1) * w];
+                        out[..inside.start].fill(0.0);
+                        out[inside.end..].fill(0.0);
+                        let taken = line[first..].iter().step_by(spec.stride);
+                        for (v, &x) in out[inside.clone()].iter_mut().zip(taken) {
+                            *v = x;
+                        }
+                    }
+                }
+            }
+        }
+        f(Mat::row_major(cols, c * 9, plane))
+    };
+    with_thread_buffers(&COLUMNS, run)
+}
+
+/// Adds patch gradients `cols` (laid out as [`with_strided_columns`]' columns) onto the pixels
+/// they were taken from, in `image` `[c, h, w]` (`[h, w]` given).
+fn col2im_add(cols: &[f32], [h, w]: [usize; 2], spec: ConvSpec, image: &mut [f32]) {
+    let [ho, wo] = spec.output_size(3, [h, w]);
+    let plane = ho * wo;
+    if plane == 0 {
+        return;
+    }
+    for (channel, rows) in image
+        .chunks_exact_mut(h * w)
+        .zip(cols.chunks_exact(9 * plane))
+    {
+        for (tap, row) in rows.chunks_exact(plane).enumerate() {
+            let (inside, first) = spec.inside(tap % 3, 1, w, wo);
+            for (oy, grads) in row.chunks_exact(wo).enumerate() {
+                let Some(y) = spec.source(oy, tap / 3, 0, h) else {
+                    continue;
+                };
+                let line = &mut channel[y * w..(y + 1) * w];
+                let taken = line[first..].iter_mut().step_by(spec.stride);
+                for (x, &g) in taken.zip(&grads[inside.clone()]) {
+                    *x += g;
+                }
+            }
+        }
+    }
 }
 
 /// The gradient summed over batch and pixels: `[c_out]`.

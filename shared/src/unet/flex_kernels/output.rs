@@ -48,6 +48,14 @@ impl Writer<'_> {
         }
     }
 
+    /// Appends `n` copies of `value`.
+    #[inline(always)]
+    pub fn push_filled(&mut self, n: usize, value: f32) {
+        for d in self.next(n) {
+            d.write(value);
+        }
+    }
+
     /// Appends the row-major product `lhs · rhs`.
     pub fn push_product(&mut self, lhs: Mat, rhs: Mat, parallel: bool) {
         product_into(self.next(lhs.rows * rhs.cols), lhs, rhs, parallel);
