@@ -1,7 +1,7 @@
 //! The UNet's heavy ops on burn's CPU backend (flex), forward and backward, as a burn backend
 //! extension for `Flex` and `Autodiff<Flex>`: each op here has a hand-written backward step.
 //!
-//! - Stride-1 convolution, 3×3 with padding 1 and 1×1 ([`conv`]): per image, the patches as
+//! - Convolution, 3×3 (any stride and padding) and 1×1 ([`conv`]): per image, the patches as
 //!   im2col columns in a cache-sized buffer, then one GEMM ([`gemm`]) that writes the image's
 //!   output straight into the batch tensor, then adds the bias while it is in cache. The weight
 //!   gradient is `grad · patch rows` summed over the batch in place; the input gradient is the
