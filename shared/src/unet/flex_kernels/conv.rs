@@ -45,7 +45,11 @@ pub(super) fn kernel_side(weight: &FlexTensor) -> usize {
 /// padding per row took the level-0 forward convolutions of the cifar preset from 33–38 to
 /// 45–52 GFLOP/s on one thread (`ddpm bench --phases conv` measures the same shape).
 fn column_row_stride(plane: usize) -> usize {
-    if plane % 256 == 0 { plane + 16 } else { plane }
+    if plane.is_multiple_of(256) {
+        plane + 16
+    } else {
+        plane
+    }
 }
 
 /// Calls `f` with one image `[c, h, w]`'s columns, `[c · k², h · w]`.
