@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: installs what is missing, then checks formatting, runs
-# every Rust test (CPU and wgpu-on-lavapipe), builds the web page and wasm module with trunk,
+# The whole test suite, as CI runs it: installs what is missing, then checks formatting and
+# clippy's lints, runs every Rust test (CPU and wgpu-on-lavapipe), builds the web page and wasm module with trunk,
 # checks that the wasm build draws the same noise as the native one, and runs the page in
 # headless Chromium (WebGPU on SwiftShader, then the CPU fallback).
 set -euo pipefail
@@ -9,6 +9,11 @@ scripts/setup.sh
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
+
+echo "==> cargo clippy (native, every target; then the wasm-only code)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --profile wasm-release --target wasm32-unknown-unknown --locked \
+  --manifest-path web/Cargo.toml -- -D warnings
 
 echo "==> cargo test"
 cargo test --workspace --locked
