@@ -244,8 +244,9 @@ impl UNet {
 }
 
 /// `f(start, len)` for up to `parts` consecutive slices of a batch of `batch` images, in order,
-/// each slice on its own thread ([`UNet::forward_split`], the trainer's gradients). wasm32 has no
-/// threads here: the slices run one after another.
+/// each slice on its own thread ([`UNet::forward_split`], the trainer's gradients): rayon's
+/// workers with the CPU kernels, else one scoped thread per slice. wasm32 has no threads here:
+/// the slices run one after another.
 pub fn on_batch_slices<T: Send>(
     batch: usize,
     parts: usize,
@@ -258,6 +259,22 @@ pub fn on_batch_slices<T: Send>(
     if chunk >= batch || cfg!(target_arch = "wasm32") {
         return slices.map(|(start, len)| f(start, len)).collect();
     }
+    // On rayon's pool, where the CPU kernels split their own work: a slice's kernels then run on
+    // its worker, and an idle worker steals from the other slices. On threads outside the pool,
+    // every kernel call was handed to the pool's workers and waited for them: with the trainer's
+    // main thread in the pool (2 threads), the two slices' kernels queued on one worker and a
+    // cifar training step at batch 16 ran at one thread's speed.
+    #[cfg(feature = "flex-kernels")]
+    {
+        use rayon::prelude::*;
+        let slices: Vec<_> = slices.collect();
+        slices
+            .into_par_iter()
+            .with_max_len(1)
+            .map(|(start, len)| f(start, len))
+            .collect()
+    }
+    #[cfg(not(feature = "flex-kernels"))]
     std::thread::scope(|scope| {
         let f = &f;
         let handles: Vec<_> = slices
