@@ -2,7 +2,7 @@
 # The main job on its embedded default: a short DDPM training run on Fashion-MNIST with the
 # best backend this machine has, then a grid of samples from the trained model.
 #
-#   scripts/run.sh                 # ~3 minutes on 2 CPU cores; seconds on a GPU
+#   scripts/run.sh                 # 3-5 minutes on 2 CPU cores; seconds on a GPU
 #   STEPS=20000 scripts/run.sh     # a real run (resume it later with `ddpm train --resume`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
