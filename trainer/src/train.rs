@@ -1013,9 +1013,20 @@ mod tests {
         assert_eq!(whole.len(), model_file::num_params(&model));
         let scale = whole.iter().fold(0.0f32, |m, g| m.max(g.abs()));
         assert!(scale > 0.0);
+        // The slices run as rayon jobs. Called from outside rayon's pool (this test thread)
+        // and from a worker of a 2-thread pool, as in the `ddpm` binary, whose main thread is
+        // worker 0: each slice's kernels then split their own work on the same two workers.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
         // Uneven slices (3 + 2, 2 + 2 + 1) and more threads than images.
-        for parts in [2, 3, 8] {
-            let (sliced, sliced_loss) = run(parts);
+        for (parts, in_pool) in [(2, false), (3, false), (8, false), (2, true), (3, true)] {
+            let (sliced, sliced_loss) = if in_pool {
+                pool.install(|| run(parts))
+            } else {
+                run(parts)
+            };
             assert_eq!(
                 sliced.len(),
                 whole.len(),
