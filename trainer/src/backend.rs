@@ -75,7 +75,10 @@ fn cpu() -> Selected {
     let threads = rayon::current_num_threads();
     Selected {
         device: Device::flex(),
-        name: format!("cpu (flex, {threads} threads)"),
+        name: format!(
+            "cpu (flex, {threads} thread{})",
+            if threads == 1 { "" } else { "s" }
+        ),
         batch_threads: threads,
     }
 }
