@@ -129,6 +129,11 @@ pub struct BenchArgs {
     /// Timed repeats per case; the figures are their medians.
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
+    /// Run each case this many times on each side, alternating ours and PyTorch, and take the
+    /// medians over all their repeats: a machine whose speed drifts during the run (a shared VM)
+    /// then slows both sides alike.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// Untimed iterations before the repeats (autotuning, allocator warm-up).
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
@@ -505,6 +510,29 @@ fn run_json(mut command: Command) -> std::result::Result<serde_json::Value, Stri
     value.ok_or_else(|| "printed no result".to_string())
 }
 
+/// One side's rounds of a case as one measurement: every round's repeats, and the largest
+/// peaks. A failed round fails the case (the rounds stop at the first failure).
+fn pool_rounds(
+    rounds: Vec<std::result::Result<Measured, String>>,
+) -> std::result::Result<Measured, String> {
+    let mut pooled: Option<Measured> = None;
+    for round in rounds {
+        let m = round?;
+        pooled = Some(match pooled {
+            None => m,
+            Some(mut p) => {
+                p.per_iter_s.extend(m.per_iter_s);
+                p.iters_per_repeat = p.iters_per_repeat.min(m.iters_per_repeat);
+                p.peak_rss_bytes = p.peak_rss_bytes.max(m.peak_rss_bytes);
+                p.start_rss_bytes = p.start_rss_bytes.min(m.start_rss_bytes);
+                p.peak_device_bytes = p.peak_device_bytes.max(m.peak_device_bytes);
+                p
+            }
+        });
+    }
+    pooled.ok_or_else(|| "did not run".to_string())
+}
+
 /// Run one case and read its measurement.
 fn run_case(command: Command) -> std::result::Result<Measured, String> {
     let value = run_json(command)?;
@@ -675,6 +703,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         args.repeats >= 1,
         "--repeats must be at least 1 (the README's figures use 5)"
     );
+    ensure!(args.rounds >= 1, "--rounds must be at least 1");
     ensure!(
         args.min_repeat_secs.is_finite() && args.min_repeat_secs >= 0.0,
         "--min-repeat-secs must be a number ≥ 0"
@@ -757,9 +786,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ),
         Err(why) => println!("  reference: not run ({why}); reporting ours only"),
     }
+    let repeats_text = if args.rounds == 1 {
+        format!("{} repeats", args.repeats)
+    } else {
+        format!(
+            "{} repeats ({} rounds of {}, alternating the two sides)",
+            args.rounds * args.repeats,
+            args.rounds,
+            args.repeats
+        )
+    };
     println!(
-        "  medians of {} repeats after {} warm-up iterations; sampling is DDIM with {} steps; evals/s counts one image through the UNet once",
-        args.repeats, args.warmup, args.sample_steps
+        "  medians of {repeats_text} after {} warm-up iterations; sampling is DDIM with {} steps; evals/s counts one image through the UNet once",
+        args.warmup, args.sample_steps
     );
     let mut check_diff = None;
     if let Ok(r) = &reference {
@@ -805,22 +844,42 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     .args(["--warmup", &args.warmup.to_string()])
                     .args(["--min-repeat-secs", &args.min_repeat_secs.to_string()]);
             };
-            let mut ours = Command::new(&exe);
-            ours.arg("bench-worker")
-                .arg("--model")
-                .arg(&model_path)
-                .args(["--phase", phase.name()])
-                .args(["--sample-steps", &args.sample_steps.to_string()])
-                .arg("--backend")
-                .arg(
-                    args.backend
-                        .to_possible_value()
-                        .map_or_else(|| "auto".into(), |v| v.get_name().to_string()),
-                )
-                .env("RAYON_NUM_THREADS", threads.to_string())
-                .env("RUST_BACKTRACE", "0");
-            common(&mut ours);
-            let ours = run_case(ours);
+            let ours_command = || {
+                let mut c = Command::new(&exe);
+                c.arg("bench-worker")
+                    .arg("--model")
+                    .arg(&model_path)
+                    .args(["--phase", phase.name()])
+                    .args(["--sample-steps", &args.sample_steps.to_string()])
+                    .arg("--backend")
+                    .arg(
+                        args.backend
+                            .to_possible_value()
+                            .map_or_else(|| "auto".into(), |v| v.get_name().to_string()),
+                    )
+                    .env("RAYON_NUM_THREADS", threads.to_string())
+                    .env("RUST_BACKTRACE", "0");
+                common(&mut c);
+                c
+            };
+            let pytorch_command = |r: &Reference| {
+                let mut c = r.command(&model_path, phase.name());
+                c.args(["--steps", &args.sample_steps.to_string()]);
+                common(&mut c);
+                c
+            };
+            let (mut ours_runs, mut pytorch_runs) = (Vec::new(), Vec::new());
+            for _ in 0..args.rounds {
+                if ours_runs.last().is_none_or(Result::is_ok) {
+                    ours_runs.push(run_case(ours_command()));
+                }
+                if let Ok(r) = &reference
+                    && pytorch_runs.last().is_none_or(Result::is_ok)
+                {
+                    pytorch_runs.push(run_case(pytorch_command(r)));
+                }
+            }
+            let ours = pool_rounds(ours_runs);
             if let Err(why) = &ours {
                 let message = format!(
                     "{} at batch {batch} ({}) on {ours_name}: {why}",
@@ -829,12 +888,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 );
                 failures.push(message);
             }
-            let pytorch = reference.as_ref().ok().map(|r| {
-                let mut c = r.command(&model_path, phase.name());
-                c.args(["--steps", &args.sample_steps.to_string()]);
-                common(&mut c);
-                run_case(c)
-            });
+            let pytorch = reference.is_ok().then(|| pool_rounds(pytorch_runs));
             let items_per_iter = match phase {
                 Phase::Train | Phase::Conv | Phase::Silu => batch,
                 Phase::Sample => batch * args.sample_steps,
@@ -866,6 +920,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "reference": reference.as_ref().map(|r| r.versions.clone()).map_err(Clone::clone),
             "threads": threads,
             "repeats": args.repeats,
+            "rounds": args.rounds,
             "warmup": args.warmup,
             "sample_steps": args.sample_steps,
             "max_abs_diff": check_diff,
@@ -900,6 +955,25 @@ fn group_thousands(n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounds_pool_their_repeats_and_keep_the_largest_peak() {
+        let m = |times: &[f64], peak: u64| Measured {
+            per_iter_s: times.to_vec(),
+            iters_per_repeat: 2,
+            peak_rss_bytes: peak,
+            start_rss_bytes: 10,
+            peak_device_bytes: None,
+        };
+        let pooled =
+            pool_rounds(vec![Ok(m(&[3.0, 1.0], 50)), Ok(m(&[2.0, 9.0, 4.0], 70))]).unwrap();
+        assert_eq!(pooled.per_iter_s, [3.0, 1.0, 2.0, 9.0, 4.0]);
+        assert_eq!(median(&pooled.per_iter_s), 3.0);
+        assert_eq!(pooled.peak_rss_bytes, 70);
+        let failed = pool_rounds(vec![Ok(m(&[1.0], 5)), Err("out of memory".into())]);
+        assert_eq!(failed.unwrap_err(), "out of memory");
+        assert!(pool_rounds(Vec::new()).is_err());
+    }
 
     #[test]
     fn median_of_odd_and_even_lists() {
