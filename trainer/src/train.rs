@@ -874,6 +874,11 @@ pub fn run(args: TrainArgs, stop: Arc<AtomicBool>) -> Result<()> {
 /// gradients, weighted by slice size, add up to the whole batch's. burn's CPU backend runs its
 /// element-wise kernels on the calling thread only; with one slice per core both cores stay busy
 /// between the convolutions. `parts` is 1 on a GPU ([`backend::Selected::batch_threads`]).
+///
+/// The slices run as rayon jobs ([`ddpm::unet::on_batch_slices`]), so a worker that waits
+/// inside one slice's backward pass, which holds that graph's lock, may pick up another slice.
+/// That is safe because each fork's parameters are detached copies with fresh autodiff nodes:
+/// the slices' graphs, and their locks, are separate.
 pub(crate) fn batch_gradients<F>(
     model: &UNet,
     device: &burn::tensor::Device,
