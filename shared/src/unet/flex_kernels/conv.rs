@@ -14,6 +14,7 @@
 //! scattered back onto the image (col2im).
 
 use std::cell::RefCell;
+use std::ops::Range;
 
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
@@ -370,10 +371,37 @@ pub(super) fn conv_input_grad(
             let cols_grad = MatMut::row_major(cols, taps, plane);
             matmul(cols_grad, weight_t, g, false, !images_parallel);
             dst.push_filled(c_in * h * w, 0.0);
-            col2im_add(cols, [h, w], spec, dst.written_mut());
+            col2im_add(cols, [c_in, h, w], spec, dst.written_mut());
         })
     });
     f32_tensor(dx, vec![b, c_in, h, w])
+}
+
+/// Walks the rows of one image's strided 3×3 columns (the layout of [`with_strided_columns`]):
+/// for each channel, tap and output row, `visit(row, line, inside, first)` gets the row's span in
+/// the columns, the span of the input line it reads (`None` in the padding), the outputs of the
+/// row that read inside that line, and the line's pixel the first of them reads (the rest follow
+/// `spec.stride` apart). The columns' gather and col2im's scatter share this walk.
+fn for_each_column_row(
+    [c, h, w]: [usize; 3],
+    spec: ConvSpec,
+    mut visit: impl FnMut(Range<usize>, Option<Range<usize>>, Range<usize>, usize),
+) {
+    let [ho, wo] = spec.output_size(3, [h, w]);
+    let plane = ho * wo;
+    for channel in 0..c {
+        for tap in 0..9 {
+            let (inside, first) = spec.inside(tap % 3, 1, w, wo);
+            let row_start = (channel * 9 + tap) * plane;
+            for oy in 0..ho {
+                let row = row_start + oy * wo..row_start + (oy + 1) * wo;
+                let line = spec
+                    .source(oy, tap / 3, 0, h)
+                    .map(|y| channel * h * w + y * w..channel * h * w + (y + 1) * w);
+                visit(row, line, inside.clone(), first);
+            }
+        }
+    }
 }
 
 /// Calls `f` with one image `[c, h, w]`'s 3×3 patches under `spec` as columns `[c · 9, ho · wo]`
@@ -389,60 +417,36 @@ fn with_strided_columns<R>(
     let plane = ho * wo;
     let run = |cols: &mut Vec<f32>| {
         cols.resize(c * 9 * plane, 0.0);
-        if plane > 0 {
-            for (channel, rows) in image
-                .chunks_exact(h * w)
-                .zip(cols.chunks_exact_mut(9 * plane))
-            {
-                for (tap, row) in rows.chunks_exact_mut(plane).enumerate() {
-                    let (inside, first) = spec.inside(tap % 3, 1, w, wo);
-                    for (oy, out) in row.chunks_exact_mut(wo).enumerate() {
-                        let Some(y) = spec.source(oy, tap / 3, 0, h) else {
-                            out.fill(0.0);
-                            continue;
-                        };
-                        let line = &channel[y * w..(y + 1) * w];
-                        out[..inside.start].fill(0.0);
-                        out[inside.end..].fill(0.0);
-                        let taken = line[first..].iter().step_by(spec.stride);
-                        for (v, &x) in out[inside.clone()].iter_mut().zip(taken) {
-                            *v = x;
-                        }
-                    }
-                }
+        for_each_column_row([c, h, w], spec, |row, line, inside, first| {
+            let out = &mut cols[row];
+            let Some(line) = line else {
+                out.fill(0.0);
+                return;
+            };
+            out[..inside.start].fill(0.0);
+            out[inside.end..].fill(0.0);
+            let taken = image[line][first..].iter().step_by(spec.stride);
+            for (v, &x) in out[inside].iter_mut().zip(taken) {
+                *v = x;
             }
-        }
+        });
         f(Mat::row_major(cols, c * 9, plane))
     };
     with_thread_buffers(&COLUMNS, run)
 }
 
 /// Adds patch gradients `cols` (laid out as [`with_strided_columns`]' columns) onto the pixels
-/// they were taken from, in `image` `[c, h, w]` (`[h, w]` given).
-fn col2im_add(cols: &[f32], [h, w]: [usize; 2], spec: ConvSpec, image: &mut [f32]) {
-    let [ho, wo] = spec.output_size(3, [h, w]);
-    let plane = ho * wo;
-    if plane == 0 {
-        return;
-    }
-    for (channel, rows) in image
-        .chunks_exact_mut(h * w)
-        .zip(cols.chunks_exact(9 * plane))
-    {
-        for (tap, row) in rows.chunks_exact(plane).enumerate() {
-            let (inside, first) = spec.inside(tap % 3, 1, w, wo);
-            for (oy, grads) in row.chunks_exact(wo).enumerate() {
-                let Some(y) = spec.source(oy, tap / 3, 0, h) else {
-                    continue;
-                };
-                let line = &mut channel[y * w..(y + 1) * w];
-                let taken = line[first..].iter_mut().step_by(spec.stride);
-                for (x, &g) in taken.zip(&grads[inside.clone()]) {
-                    *x += g;
-                }
-            }
+/// they were taken from, in `image` `[c, h, w]`.
+fn col2im_add(cols: &[f32], dims: [usize; 3], spec: ConvSpec, image: &mut [f32]) {
+    for_each_column_row(dims, spec, |row, line, inside, first| {
+        let Some(line) = line else {
+            return;
+        };
+        let taken = image[line][first..].iter_mut().step_by(spec.stride);
+        for (x, &g) in taken.zip(&cols[row][inside]) {
+            *x += g;
         }
-    }
+    });
 }
 
 /// The gradient summed over batch and pixels: `[c_out]`.
