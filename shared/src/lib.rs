@@ -6,6 +6,7 @@
 //! the caller hands in.
 
 pub mod diffusion;
+pub mod edit;
 pub mod error;
 pub mod model_file;
 pub mod noise;

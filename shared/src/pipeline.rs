@@ -4,14 +4,19 @@
 //!
 //! [`Generation`] advances one step per call so that a caller can draw intermediate images,
 //! yield to a browser's event loop, or cancel between steps; nothing here reads tensors back to
-//! the host.
+//! the host. The same loop runs the editing tasks of [`crate::edit`]: image-to-image
+//! ([`Generation::img2img`]), RePaint inpainting ([`Generation::inpaint`]) and the decoding of
+//! interpolated noise ([`Generation::interpolate`]).
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use crate::diffusion::q_sample;
+use crate::edit::{RePaint, RePaintMove, img2img_start, slerp_path};
 use crate::error::{Error, Result};
 use crate::model_file::ModelInfo;
 use crate::noise::{NoiseSource, SeededNoise};
 use crate::sampler::Sampler;
+use crate::schedule::NoiseSchedule;
 use crate::unet::UNet;
 
 /// Most images generated in one batch.
@@ -42,19 +47,37 @@ impl Default for GenerateOptions {
     }
 }
 
+/// What each step of a run does.
+enum Plan<'a> {
+    /// The sampler's timesteps from `start` on (0 for plain sampling, later for image-to-image).
+    Sample {
+        sampler: Box<dyn Sampler + 'a>,
+        start: usize,
+    },
+    /// RePaint's moves, putting back `known` where `keep` is 1.
+    Inpaint {
+        repaint: RePaint,
+        known: Tensor<4>,
+        keep: Tensor<4>,
+    },
+}
+
 /// A sampling run in progress.
 pub struct Generation<'a> {
     model: &'a UNet,
-    sampler: Box<dyn Sampler + 'a>,
+    plan: Plan<'a>,
     sample: Tensor<4>,
     labels: Option<Tensor<1, Int>>,
     /// Labels for the doubled batch `[class; n] ++ [null; n]` when guiding.
     guided_labels: Option<Tensor<1, Int>>,
     guidance: f64,
-    noise: SeededNoise,
+    noise: Box<dyn NoiseSource + 'a>,
     index: usize,
     device: Device,
     batch_threads: usize,
+    /// Evaluate the UNet on one image at a time (interpolation: a batched forward rounds
+    /// differently from a one-image run, by ~1e-5).
+    per_image: bool,
 }
 
 impl std::fmt::Debug for Generation<'_> {
@@ -62,7 +85,7 @@ impl std::fmt::Debug for Generation<'_> {
         f.debug_struct("Generation")
             .field("shape", &self.sample.dims())
             .field("step", &self.index)
-            .field("steps", &self.sampler.timesteps().len())
+            .field("steps", &self.total_steps())
             .field("guidance", &self.guidance)
             .finish()
     }
@@ -82,7 +105,8 @@ impl<'a> Generation<'a> {
         let shape = [options.n, info.unet.in_channels, s, s];
         let mut noise = SeededNoise::new(options.seed);
         let x_t = noise.gaussian(shape, device); // x_T ~ N(0, I)
-        Self::build(model, info, sampler, options, x_t, noise, device)
+        let plan = Plan::Sample { sampler, start: 0 };
+        Self::build(model, info, plan, options, x_t, Box::new(noise), device)
     }
 
     /// Start from a given x_T (`options.n` is taken from its batch size); later noise draws
@@ -106,16 +130,159 @@ impl<'a> Generation<'a> {
         // reproduces the seeded run exactly.
         let mut noise = SeededNoise::new(options.seed);
         noise.sample_vec(dims.iter().product());
-        Self::build(model, info, sampler, &options, x_t, noise, device)
+        let plan = Plan::Sample { sampler, start: 0 };
+        Self::build(model, info, plan, &options, x_t, Box::new(noise), device)
+    }
+
+    /// Decode `options.n` points on the great circle between the x_T of `seeds.0` and the x_T
+    /// of `seeds.1` (spherical interpolation, [`crate::edit::slerp`]), in a batch whose first
+    /// and last images are those two seeds' own. Later noise draws (stochastic samplers only)
+    /// come from `options.seed`; with DDIM at η = 0 the end images equal the seeded runs.
+    ///
+    /// # Errors
+    /// As [`Generation::new`], and for fewer than 2 images or two equal seeds.
+    pub fn interpolate(
+        model: &'a UNet,
+        info: &ModelInfo,
+        sampler: Box<dyn Sampler + 'a>,
+        options: &GenerateOptions,
+        seeds: (u64, u64),
+        device: &Device,
+    ) -> Result<Self> {
+        check_count(options.n)?;
+        if options.n < 2 {
+            return Err(Error::InvalidInput(format!(
+                "an interpolation needs at least 2 images (from one seed to the other), got {}",
+                options.n
+            )));
+        }
+        if seeds.0 == seeds.1 {
+            return Err(Error::InvalidInput(format!(
+                "interpolating from seed {} to itself gives one image {} times: choose two seeds",
+                seeds.0, options.n
+            )));
+        }
+        let s = info.unet.sample_size;
+        let one = [1, info.unet.in_channels, s, s];
+        let len: usize = one.iter().product();
+        let a = SeededNoise::new(seeds.0).sample_vec(len);
+        let b = SeededNoise::new(seeds.1).sample_vec(len);
+        let path = slerp_path(&a, &b, options.n);
+        let x_t = Tensor::from_data(TensorData::new(path, [options.n, one[1], s, s]), device);
+        let plan = Plan::Sample { sampler, start: 0 };
+        let noise = SeededNoise::new(options.seed);
+        let mut generation = Self::build(model, info, plan, options, x_t, Box::new(noise), device)?;
+        // One image per UNet call, as in each seed's own run, so that the ends match it bit
+        // for bit on the CPU.
+        generation.per_image = true;
+        Ok(generation)
+    }
+
+    /// Image-to-image (SDEdit): noise `image` to the sampler's timestep at `strength` (see
+    /// [`img2img_start`]) with the seed's first draw, x_{t₀} = √ᾱ x_0 + √(1 − ᾱ) ε, and denoise
+    /// from there with the sampler's remaining steps (diffusers' img2img: `get_timesteps`, then
+    /// `add_noise`). `image` is `[1, c, s, s]` (every one of the `options.n` images a variation
+    /// of it) or `[n, c, s, s]`, values in [−1, 1].
+    ///
+    /// # Errors
+    /// As [`Generation::new`], for an image that does not fit the model, and for a strength
+    /// outside (0, 1] or one that leaves no step.
+    pub fn img2img(
+        model: &'a UNet,
+        info: &ModelInfo,
+        sampler: Box<dyn Sampler + 'a>,
+        options: &GenerateOptions,
+        image: Tensor<4>,
+        strength: f64,
+        device: &Device,
+    ) -> Result<Self> {
+        let noise = Box::new(SeededNoise::new(options.seed));
+        Self::img2img_with_noise(
+            model, info, sampler, options, image, strength, noise, device,
+        )
+    }
+
+    /// [`Generation::img2img`] with every noise draw taken from `noise` (tests replay another
+    /// implementation's draws through it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn img2img_with_noise(
+        model: &'a UNet,
+        info: &ModelInfo,
+        sampler: Box<dyn Sampler + 'a>,
+        options: &GenerateOptions,
+        image: Tensor<4>,
+        strength: f64,
+        mut noise: Box<dyn NoiseSource + 'a>,
+        device: &Device,
+    ) -> Result<Self> {
+        check_count(options.n)?;
+        let image = batch_of(image, options.n, info, "image")?;
+        let start = img2img_start(sampler.timesteps().len(), strength)?;
+        let t0 = sampler.timesteps()[start];
+        let schedule = NoiseSchedule::new(&info.schedule)?;
+        let eps = noise.gaussian(image.dims(), device);
+        let x_t0 = q_sample(&schedule, image, eps, &vec![t0; options.n]);
+        let plan = Plan::Sample { sampler, start };
+        Self::build(model, info, plan, options, x_t0, noise, device)
+    }
+
+    /// Inpainting with RePaint: regenerate the pixels where `mask` is 1 and keep `image` where
+    /// it is 0, starting from the seed's x_T. `image` is `[1 or n, c, s, s]` in [−1, 1]; `mask`
+    /// is `[1 or n, 1 or c, s, s]` in [0, 1].
+    ///
+    /// # Errors
+    /// As [`Generation::new`], and for an image or mask that does not fit the model.
+    pub fn inpaint(
+        model: &'a UNet,
+        info: &ModelInfo,
+        repaint: RePaint,
+        options: &GenerateOptions,
+        image: Tensor<4>,
+        mask: Tensor<4>,
+        device: &Device,
+    ) -> Result<Self> {
+        let noise = Box::new(SeededNoise::new(options.seed));
+        Self::inpaint_with_noise(model, info, repaint, options, image, mask, noise, device)
+    }
+
+    /// [`Generation::inpaint`] with every noise draw (x_T first) taken from `noise`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn inpaint_with_noise(
+        model: &'a UNet,
+        info: &ModelInfo,
+        repaint: RePaint,
+        options: &GenerateOptions,
+        image: Tensor<4>,
+        mask: Tensor<4>,
+        mut noise: Box<dyn NoiseSource + 'a>,
+        device: &Device,
+    ) -> Result<Self> {
+        check_count(options.n)?;
+        let known = batch_of(image, options.n, info, "image")?;
+        let [_, c, s, _] = known.dims();
+        let [mn, mc, mh, mw] = mask.dims();
+        if !(mn == 1 || mn == options.n) || !(mc == 1 || mc == c) || mh != s || mw != s {
+            return Err(Error::InvalidInput(format!(
+                "the mask is {mh}×{mw} ({mn} × {mc} channels); it must be {s}×{s} like the image,                  with 1 or {c} channels"
+            )));
+        }
+        let keep = mask.neg().add_scalar(1.0).clamp(0.0, 1.0); // 1 = keep the known pixel
+        let x_t = noise.gaussian(known.dims(), device); // x_T ~ N(0, I)
+        let plan = Plan::Inpaint {
+            repaint,
+            known,
+            keep,
+        };
+        Self::build(model, info, plan, options, x_t, noise, device)
     }
 
     fn build(
         model: &'a UNet,
         info: &ModelInfo,
-        sampler: Box<dyn Sampler + 'a>,
+        plan: Plan<'a>,
         options: &GenerateOptions,
         sample: Tensor<4>,
-        noise: SeededNoise,
+        noise: Box<dyn NoiseSource + 'a>,
         device: &Device,
     ) -> Result<Self> {
         let n = options.n;
@@ -170,7 +337,7 @@ impl<'a> Generation<'a> {
         let labels = labels.map(|c| int_tensor(vec![c as i64; n]));
         Ok(Self {
             model,
-            sampler,
+            plan,
             sample,
             labels,
             guided_labels,
@@ -179,6 +346,7 @@ impl<'a> Generation<'a> {
             index: 0,
             device: device.clone(),
             batch_threads: 1,
+            per_image: false,
         })
     }
 
@@ -190,9 +358,12 @@ impl<'a> Generation<'a> {
         self
     }
 
-    /// Number of model evaluations in the whole run.
+    /// Number of steps in the whole run: model evaluations, plus RePaint's moves back up.
     pub fn total_steps(&self) -> usize {
-        self.sampler.timesteps().len()
+        match &self.plan {
+            Plan::Sample { sampler, start } => sampler.timesteps().len() - start,
+            Plan::Inpaint { repaint, .. } => repaint.moves().len(),
+        }
     }
 
     /// Steps done so far.
@@ -210,37 +381,68 @@ impl<'a> Generation<'a> {
         &self.sample
     }
 
-    /// Run one reverse step. Returns false (and does nothing) once the run is complete.
+    /// Run one step. Returns false (and does nothing) once the run is complete.
     pub fn step(&mut self) -> bool {
-        let Some(&t) = self.sampler.timesteps().get(self.index) else {
+        if self.is_done() {
             return false;
-        };
+        }
         let x = self.sample.clone();
+        self.sample = match &self.plan {
+            Plan::Sample { sampler, start } => {
+                let t = sampler.timesteps()[start + self.index];
+                let model_output = self.predict(x.clone(), t);
+                let Plan::Sample { sampler, .. } = &mut self.plan else {
+                    unreachable!("matched above")
+                };
+                sampler.step(model_output, t, x, self.noise.as_mut())
+            }
+            Plan::Inpaint {
+                repaint,
+                known,
+                keep,
+            } => match repaint.moves()[self.index] {
+                RePaintMove::Denoise(t) => {
+                    let model_output = self.predict(x.clone(), t);
+                    repaint
+                        .denoise(model_output, t, x, known, keep, self.noise.as_mut())
+                        .prev_sample
+                }
+                RePaintMove::Renoise(from) => repaint.renoise(x, from, self.noise.as_mut()),
+            },
+        };
+        self.index += 1;
+        true
+    }
+
+    /// The model's output for x at timestep t, with classifier-free guidance when asked.
+    fn predict(&self, x: Tensor<4>, t: usize) -> Tensor<4> {
         let [n, _, _, _] = x.dims();
-        let model_output = match &self.guided_labels {
+        let parts = |batch: usize| {
+            if self.per_image {
+                batch
+            } else {
+                self.batch_threads
+            }
+        };
+        match &self.guided_labels {
             Some(labels) => {
                 // One forward pass over [x; x] with [class; null] labels.
-                let both = Tensor::cat(vec![x.clone(), x.clone()], 0);
+                let both = Tensor::cat(vec![x.clone(), x], 0);
                 let out = self.model.forward_split(
                     both,
                     self.timesteps(2 * n, t),
                     Some(labels.clone()),
-                    self.batch_threads,
+                    parts(2 * n),
                 );
                 let cond = out.clone().narrow(0, 0, n);
                 let uncond = out.narrow(0, n, n);
                 uncond.clone() + (cond - uncond).mul_scalar(self.guidance)
             }
-            None => self.model.forward_split(
-                x.clone(),
-                self.timesteps(n, t),
-                self.labels.clone(),
-                self.batch_threads,
-            ),
-        };
-        self.sample = self.sampler.step(model_output, t, x, &mut self.noise);
-        self.index += 1;
-        true
+            None => {
+                self.model
+                    .forward_split(x, self.timesteps(n, t), self.labels.clone(), parts(n))
+            }
+        }
     }
 
     /// Run the remaining steps and return x_0.
@@ -251,6 +453,23 @@ impl<'a> Generation<'a> {
 
     fn timesteps(&self, n: usize, t: usize) -> Tensor<1> {
         Tensor::from_data(TensorData::new(vec![t as f32; n], [n]), &self.device)
+    }
+}
+
+/// `image` as a batch of `n`: a single image repeated, or already `n` images; checked against
+/// the model.
+fn batch_of(image: Tensor<4>, n: usize, info: &ModelInfo, what: &str) -> Result<Tensor<4>> {
+    let dims = image.dims();
+    info.unet.check_input(dims).map_err(|e| match e {
+        Error::InvalidInput(m) => Error::InvalidInput(format!("{what}: {m}")),
+        other => other,
+    })?;
+    match dims[0] {
+        b if b == n => Ok(image),
+        1 => Ok(image.repeat_dim(0, n)),
+        b => Err(Error::InvalidInput(format!(
+            "{what}: a batch of {b} for {n} images (give 1 or {n})"
+        ))),
     }
 }
 

@@ -9,11 +9,17 @@
 //  2. With WebGPU unavailable the page says it runs on the CPU, and generates the same images.
 //  3. A corrupt model file gives a message on the page; generation still works with the
 //     previous model. Out-of-range settings give a message; a long run can be cancelled.
+//  4. Editing, on both backends: a generated image is picked by clicking it, a mask is painted
+//     with the mouse, Inpaint and Vary run; their results equal `ddpm inpaint` / `ddpm img2img`
+//     run natively on the same picture and mask (written out as PNGs) within 1e-3. An empty mask
+//     returns the image with a note; a file that is not a picture is refused on the page.
 import { createServer } from "node:http";
+import { execFileSync } from "node:child_process";
 import { readFileSync, mkdtempSync, writeFileSync, existsSync } from "node:fs";
 import { extname, join, resolve } from "node:path";
 import { tmpdir } from "node:os";
 import puppeteer from "puppeteer-core";
+import { encodePng } from "./png.mjs";
 
 const [distArg, npyPath, settingsPath] = process.argv.slice(2);
 const dist = resolve(distArg ?? "dist");
@@ -31,6 +37,9 @@ function readNpy(path) {
   return new Float32Array(copy);
 }
 const native = readNpy(npyPath);
+const ddpm = process.env.DDPM ?? "target/debug/ddpm";
+const model = process.env.DDPM_MODEL ?? "web/assets/fashion-mnist.safetensors";
+const work = mkdtempSync(join(tmpdir(), "ddpm-edit-"));
 
 const types = { ".html": "text/html", ".js": "text/javascript", ".wasm": "application/wasm", ".css": "text/css" };
 const server = createServer((req, res) => {
@@ -141,6 +150,104 @@ async function sameAsNative(page, label) {
   return last;
 }
 
+// Run `ddpm <args>` natively on the CPU and read its .npy output.
+function nativeRun(name, args) {
+  const out = join(work, `${name}.npy`);
+  execFileSync(ddpm, [...args, "--model", model, "--backend", "cpu", "--format", "npy", "--out", out], { stdio: ["ignore", "ignore", "inherit"] });
+  return readNpy(out);
+}
+
+// Wait for an editing run started by clicking `button`; returns the page's state afterwards.
+async function runEdit(page, button) {
+  await page.evaluate(() => { window.ddpmPage.lastEdit = null; window.ddpmPage.error = ""; });
+  const start = Date.now();
+  await page.click(button);
+  await page.waitForFunction(() => window.ddpmPage.running, { timeout: 10_000, polling: 20 }).catch(() => {});
+  await page.waitForFunction(() => !window.ddpmPage.running, { timeout: TIMEOUT, polling: 200 });
+  const state = await page.evaluate(() => ({ last: window.ddpmPage.lastEdit, error: window.ddpmPage.error, note: window.ddpmPage.note }));
+  return { ...state, ms: Date.now() - start };
+}
+
+async function editsMatchNative(page, label) {
+  const { inputs } = settings;
+  // Pick the grid's second image by clicking on it.
+  const grid = await page.evaluate(() => {
+    const c = document.getElementById("canvas");
+    return { width: c.width, height: c.height, size: window.ddpmPage.shown.size, n: window.ddpmPage.shown.n };
+  });
+  const box = await (await page.$("#canvas")).boundingBox();
+  const size = grid.size;
+  await page.mouse.click(box.x + (1.5 * size) / grid.width * box.width, box.y + (0.5 * size) / grid.height * box.height);
+  const picked = await page.evaluate(() => window.ddpmPage.edit && Array.from(window.ddpmPage.edit.rgba));
+  const shown = await page.evaluate((size) => Array.from(window.ddpmPage.shown.rgba.slice(size * size * 4, 2 * size * size * 4)), size);
+  check(picked && picked.length === size * size * 4 && picked.every((v, i) => v === shown[i]),
+    `${label}: clicking the grid's second image picks it for editing`);
+  if (!picked) return;
+
+  // Paint the right third with the mouse, row by row (brush 2 px wide).
+  const m = await (await page.$("#edit-mask")).boundingBox();
+  for (let y = 1; y < size; y += 2) {
+    const py = m.y + ((y + 0.5) / size) * m.height;
+    await page.mouse.move(m.x + m.width * 0.7, py);
+    await page.mouse.down();
+    await page.mouse.move(m.x + m.width * 0.98, py, { steps: 8 });
+    await page.mouse.up();
+  }
+  const mask = await page.evaluate(() => Array.from(window.ddpmPage.edit.mask));
+  const painted = mask.reduce((a, b) => a + b, 0);
+  const outside = mask.filter((v, p) => v && (p % size) < Math.floor(size * 0.7) - 1).length;
+  check(painted > size * 4 && outside === 0, `${label}: the mouse paints the mask (${painted} pixels, ${outside} outside the stroke)`);
+  writeFileSync(join(work, "image.png"), encodePng(size, size, picked));
+  const maskRgba = mask.flatMap((v) => (v ? [255, 255, 255, 255] : [0, 0, 0, 255]));
+  writeFileSync(join(work, "mask.png"), encodePng(size, size, maskRgba));
+  const common = ["--seed", String(inputs.seed), "--class", String(inputs.class), "--guidance", String(inputs.guidance),
+    "--image", join(work, "image.png")];
+
+  // Inpaint.
+  await setInputs(page, { "edit-steps": 6, jump: 2, resample: 2 });
+  const inpaint = await runEdit(page, "#inpaint");
+  check(inpaint.last && !inpaint.error, `${label}: Inpaint finished (${inpaint.ms} ms)${inpaint.error ? `: ${inpaint.error}` : ""}`);
+  if (inpaint.last) {
+    const want = nativeRun("inpaint", ["inpaint", ...common, "--mask", join(work, "mask.png"), "--steps", "6", "--jump", "2", "--resample", "2"]);
+    const diff = maxDiff(inpaint.last.pixels, want);
+    check(diff <= 1e-3, `${label}: Inpaint equals ddpm inpaint (max |diff| ${diff.toExponential(2)} ≤ 1e-3)`);
+    const moved = mask.filter((v, p) => !v && Math.abs(inpaint.last.rgba[4 * p] - picked[4 * p]) > 1).length;
+    check(moved === 0, `${label}: the unpainted pixels are kept (${moved} moved)`);
+  }
+
+  // Vary.
+  await setInputs(page, { strength: 0.5, steps: 8, sampler: "ddim" });
+  const vary = await runEdit(page, "#vary");
+  check(vary.last && !vary.error, `${label}: Vary finished (${vary.ms} ms)${vary.error ? `: ${vary.error}` : ""}`);
+  if (vary.last) {
+    const want = nativeRun("vary", ["img2img", ...common, "--strength", "0.5", "--steps", "8", "--sampler", "ddim"]);
+    const diff = maxDiff(vary.last.pixels, want);
+    check(diff <= 1e-3, `${label}: Vary equals ddpm img2img (max |diff| ${diff.toExponential(2)} ≤ 1e-3)`);
+  }
+
+  // An empty mask gives the image back with a note.
+  await page.click("#clear-mask");
+  const empty = await runEdit(page, "#inpaint");
+  const same = empty.last && empty.last.rgba.every((v, i) => v === picked[i]);
+  check(same && /nothing to regenerate/.test(empty.note), `${label}: an empty mask returns the image unchanged ("${empty.note}")`);
+
+  // Uploading a file that is not a picture: a message, the image being edited stays.
+  const bad = join(work, "notes.png");
+  writeFileSync(bad, "not a picture");
+  await page.evaluate(() => { window.ddpmPage.error = ""; });
+  await (await page.$("#image-file")).uploadFile(bad);
+  await page.waitForFunction(() => window.ddpmPage.error, { timeout: 60_000 });
+  const error = await page.evaluate(() => window.ddpmPage.error);
+  const still = await page.evaluate(() => Array.from(window.ddpmPage.edit.rgba));
+  check(/not a PNG or JPEG image/.test(error) && still.every((v, i) => v === picked[i]),
+    `${label}: a file that is not a picture is refused ("${error.replace(/\n/g, " / ")}")`);
+  // A real picture uploads (the PNG written above, already the model's size).
+  await (await page.$("#image-file")).uploadFile(join(work, "image.png"));
+  await page.waitForFunction(() => /editing image\.png/.test(window.ddpmPage.note), { timeout: 60_000 });
+  const uploaded = await page.evaluate(() => Array.from(window.ddpmPage.edit.rgba));
+  check(uploaded.every((v, i) => v === picked[i]), `${label}: an uploaded PNG becomes the image to edit`);
+}
+
 try {
   // 1. WebGPU.
   {
@@ -148,6 +255,7 @@ try {
     const backend = await page.evaluate(() => window.ddpmPage.model?.backend());
     check(backend === "webgpu", `WebGPU page runs on webgpu (got ${backend})`);
     await sameAsNative(page, "webgpu");
+    await editsMatchNative(page, "webgpu");
     await browser.close();
   }
   // 2. CPU fallback, then bad input on the same page.
@@ -157,6 +265,7 @@ try {
     check(note[0] === "cpu" && /CPU \(WebGPU is not available: no adapter\)/.test(note[1]),
       `without WebGPU the page runs on the CPU and says so ("${note[1]}")`);
     await sameAsNative(page, "cpu");
+    await editsMatchNative(page, "cpu");
 
     // A corrupt model file: a message, and the previous model still works.
     const bad = join(mkdtempSync(join(tmpdir(), "ddpm-bad-")), "broken.safetensors");
@@ -186,6 +295,14 @@ try {
     await page.waitForFunction(() => !window.ddpmPage.running, { timeout: 60_000 });
     const status = await page.evaluate(() => [document.getElementById("status").textContent, window.ddpmPage.error]);
     check(status[0] === "cancelled" && !status[1], `a run can be cancelled (status "${status[0]}")`);
+
+    // The embedding example for editing (examples/edit.html) runs to its end without errors.
+    const errors = [];
+    page.on("pageerror", (e) => errors.push(e.message));
+    await page.goto(`${url}edit.html`);
+    await page.waitForFunction(() => window.ddpmEditDone, { timeout: TIMEOUT, polling: 500 });
+    const log = await page.evaluate(() => document.getElementById("log").textContent);
+    check(errors.length === 0 && /inpainting/.test(log), `examples/edit.html runs ("${log}")`);
     await browser.close();
   }
 } finally {

@@ -5,6 +5,7 @@ mod backend;
 mod bench;
 mod checkpoint;
 mod data;
+mod edit;
 mod ema;
 mod eval;
 mod images;
@@ -50,8 +51,12 @@ struct Cli {
 enum Command {
     /// Train a model on a data set (or continue a run with --resume).
     Train(Box<train::TrainArgs>),
-    /// Generate images from a model file.
+    /// Generate images from a model file (or a row interpolating between two seeds).
     Sample(sample::SampleArgs),
+    /// Vary a picture: noise it part of the way and denoise it again (SDEdit).
+    Img2img(edit::Img2ImgArgs),
+    /// Regenerate the white part of a mask over a picture, keeping the rest (RePaint).
+    Inpaint(edit::InpaintArgs),
     /// Write a model file (optionally f16) from a run, a checkpoint or another model file.
     Export(sample::ExportArgs),
     /// Convert a Hugging Face diffusers UNet2DModel directory into a model file.
@@ -101,6 +106,8 @@ fn main() -> anyhow::Result<()> {
             train::run(*args, stop)
         }
         Command::Sample(args) => sample::run(args),
+        Command::Img2img(args) => edit::img2img(args),
+        Command::Inpaint(args) => edit::inpaint(args),
         Command::Export(args) => sample::export(args),
         Command::Import(args) => sample::import(args),
         Command::Eval(args) => eval::run(*args),

@@ -28,24 +28,12 @@ pub enum Format {
     Npy,
 }
 
-/// `ddpm sample` flags.
+/// The flags every generating command shares (`ddpm sample`, `img2img`, `inpaint`).
 #[derive(Debug, Args)]
-pub struct SampleArgs {
+pub struct OutputArgs {
     /// Model file (`model.safetensors` of a run, or an exported / imported file).
     #[arg(long)]
     pub model: PathBuf,
-    /// Number of images.
-    #[arg(long, default_value_t = 16)]
-    pub n: usize,
-    /// Sampler.
-    #[arg(long, default_value = "ddim", value_parser = parse_sampler)]
-    pub sampler: SamplerKind,
-    /// Number of denoising steps (model evaluations).
-    #[arg(long, default_value_t = 50)]
-    pub steps: usize,
-    /// DDIM's η (0 = deterministic, 1 = as noisy as DDPM).
-    #[arg(long, default_value_t = 0.0)]
-    pub eta: f64,
     /// Seed of the initial noise and of every noise draw after it.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -58,9 +46,6 @@ pub struct SampleArgs {
     /// Save K frames of the denoising trajectory (rows of the grid, noise to image).
     #[arg(long)]
     pub frames: Option<usize>,
-    /// Start from this x_T (`.npy`, float32, `[n, channels, h, w]`) instead of seeded noise.
-    #[arg(long)]
-    pub noise: Option<PathBuf>,
     /// Don't clip the predicted x_0 to [-1, 1] at each step.
     #[arg(long)]
     pub no_clip: bool,
@@ -75,8 +60,55 @@ pub struct SampleArgs {
     pub backend: BackendChoice,
 }
 
+/// The sampler flags of `ddpm sample` and `ddpm img2img`.
+#[derive(Debug, Args)]
+pub struct SamplerArgs {
+    /// Sampler.
+    #[arg(long, default_value = "ddim", value_parser = parse_sampler)]
+    pub sampler: SamplerKind,
+    /// Number of denoising steps (model evaluations; img2img runs ⌊steps · strength⌋ of them).
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// DDIM's η (0 = deterministic, 1 = as noisy as DDPM).
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+}
+
+/// `ddpm sample` flags.
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    #[command(flatten)]
+    pub output: OutputArgs,
+    #[command(flatten)]
+    pub sampling: SamplerArgs,
+    /// Number of images (with --interpolate: points from one seed to the other).
+    #[arg(long, default_value_t = 16)]
+    pub n: usize,
+    /// Start from this x_T (`.npy`, float32, `[n, channels, h, w]`) instead of seeded noise.
+    #[arg(long, conflicts_with = "interpolate")]
+    pub noise: Option<PathBuf>,
+    /// One row from seed A's image to seed B's (`A,B`): --n points on the great circle between
+    /// the two seeds' x_T, decoded by the sampler (deterministic with DDIM at η = 0).
+    #[arg(long, value_name = "A,B", value_parser = parse_seed_pair)]
+    pub interpolate: Option<(u64, u64)>,
+}
+
 pub(crate) fn parse_sampler(s: &str) -> Result<SamplerKind, String> {
     s.parse().map_err(|e: ddpm::Error| e.to_string())
+}
+
+fn parse_seed_pair(s: &str) -> Result<(u64, u64), String> {
+    let seeds: Vec<&str> = s.split(',').map(str::trim).collect();
+    let parse = |v: &str| {
+        v.parse::<u64>()
+            .map_err(|_| format!("{v:?} is not a seed (a whole number ≥ 0)"))
+    };
+    match seeds.as_slice() {
+        [a, b] => Ok((parse(a)?, parse(b)?)),
+        _ => Err(format!(
+            "give two seeds separated by a comma, e.g. --interpolate 3,7 (got {s:?})"
+        )),
+    }
 }
 
 /// Read a float32 `.npy` array of rank 4.
@@ -133,68 +165,98 @@ pub(crate) fn schedule_for(info: &model_file::ModelInfo, steps: usize) -> Result
     Ok(schedule)
 }
 
-/// Run `ddpm sample`.
-pub fn run(args: SampleArgs) -> Result<()> {
-    let bytes = checkpoint::read(&args.model)?;
-    let info = model_file::read_info(&bytes)
-        .with_context(|| format!("{} is not a usable model file", args.model.display()))?;
-    let schedule = schedule_for(&info, args.steps)?;
-    let class = match &args.class {
-        None if info.unet.num_class_embeds.is_some() => {
-            let known = match info.class_names.as_slice() {
-                [] => format!("0 to {}", info.num_classes().saturating_sub(1)),
-                names => names.join(", "),
-            };
-            bail!(
-                "{} is class-conditional: choose a class with --class (a name or number: {known})",
-                args.model.display()
-            );
+/// A model file loaded for a generating command, with the class it was asked for.
+pub(crate) struct Loaded {
+    pub model: ddpm::unet::UNet,
+    pub info: model_file::ModelInfo,
+    pub selected: backend::Selected,
+    pub class: Option<usize>,
+}
+
+impl Loaded {
+    /// Read the model file, check `--class` against it, and load it on the chosen backend.
+    pub fn open(args: &OutputArgs) -> Result<Self> {
+        let bytes = checkpoint::read(&args.model)?;
+        let info = model_file::read_info(&bytes)
+            .with_context(|| format!("{} is not a usable model file", args.model.display()))?;
+        let class = match &args.class {
+            None if info.unet.num_class_embeds.is_some() => {
+                let known = match info.class_names.as_slice() {
+                    [] => format!("0 to {}", info.num_classes().saturating_sub(1)),
+                    names => names.join(", "),
+                };
+                bail!(
+                    "{} is class-conditional: choose a class with --class (a name or number: {known})",
+                    args.model.display()
+                );
+            }
+            None => None,
+            Some(c) => Some(
+                crate::data::class_index(&info.class_names, c).with_context(|| {
+                    if info.class_names.is_empty() {
+                        format!("unknown class {c:?}: the model has no class names")
+                    } else {
+                        format!(
+                            "unknown class {c:?}: the model knows {}",
+                            info.class_names.join(", ")
+                        )
+                    }
+                })?,
+            ),
+        };
+        let selected = backend::select(args.backend)?;
+        let (model, _) = model_file::load(&bytes, &selected.device)
+            .with_context(|| format!("loading {}", args.model.display()))?;
+        Ok(Self {
+            model,
+            info,
+            selected,
+            class,
+        })
+    }
+
+    /// The `GenerateOptions` for `n` images.
+    pub fn generate_options(&self, args: &OutputArgs, n: usize) -> GenerateOptions {
+        GenerateOptions {
+            n,
+            seed: args.seed,
+            class: self.class,
+            guidance: args.guidance,
         }
-        None => None,
-        Some(c) => Some(
-            crate::data::class_index(&info.class_names, c).with_context(|| {
-                if info.class_names.is_empty() {
-                    format!("unknown class {c:?}: the model has no class names")
-                } else {
-                    format!(
-                        "unknown class {c:?}: the model knows {}",
-                        info.class_names.join(", ")
-                    )
-                }
-            })?,
-        ),
-    };
-    let selected = backend::select(args.backend)?;
-    let device = selected.device;
-    let (model, _) = model_file::load(&bytes, &device)
-        .with_context(|| format!("loading {}", args.model.display()))?;
-    let options = SamplerOptions {
-        eta: args.eta,
-        clip_sample: !args.no_clip,
-        ..SamplerOptions::default()
-    };
-    let sampler = build_sampler(
-        args.sampler,
-        &schedule,
-        info.prediction,
-        args.steps,
-        &options,
-    )?;
-    let generate = GenerateOptions {
-        n: args.n,
-        seed: args.seed,
-        class,
-        guidance: args.guidance,
-    };
-    let mut generation = match &args.noise {
-        Some(path) => {
-            let (values, shape) = read_npy(path)?;
-            let x_t = Tensor::<4>::from_data(TensorData::new(values, shape), &device);
-            Generation::from_noise(&model, &info, sampler, &generate, x_t, &device)
-        }
-        None => Generation::new(&model, &info, sampler, &generate, &device),
-    }?
-    .with_batch_threads(selected.batch_threads);
+    }
+
+    /// A sampler for the model.
+    pub fn sampler(
+        &self,
+        args: &SamplerArgs,
+        no_clip: bool,
+    ) -> Result<Box<dyn ddpm::sampler::Sampler + Send>> {
+        let schedule = schedule_for(&self.info, args.steps)?;
+        let options = SamplerOptions {
+            eta: args.eta,
+            clip_sample: !no_clip,
+            ..SamplerOptions::default()
+        };
+        Ok(build_sampler(
+            args.sampler,
+            &schedule,
+            self.info.prediction,
+            args.steps,
+            &options,
+        )?)
+    }
+}
+
+/// Run a generation to the end, keeping `--frames` states, and write the output; `what` names
+/// the run in the summary line ("16 images, 50 ddim steps"). With `layout_row`, a single-frame
+/// PNG puts every image in one row (an interpolation) instead of a square grid.
+pub(crate) fn finish(
+    mut generation: Generation<'_>,
+    loaded: &Loaded,
+    args: &OutputArgs,
+    what: &str,
+    layout_row: bool,
+) -> Result<()> {
     let total = generation.total_steps();
     let frames = args.frames.unwrap_or(0);
     ensure!(
@@ -202,7 +264,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         "--frames {frames} is more than the {} states of a {total}-step run",
         total + 1
     );
-    // Which states to keep: evenly spaced from x_T (state 0) to x_0 (state `total`).
+    // Which states to keep: evenly spaced from the start (state 0) to x_0 (state `total`).
     let keep: Vec<usize> = match frames {
         0 | 1 => vec![total],
         k => (0..k)
@@ -225,13 +287,23 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let last = generation.sample().clone();
     let shape = last.dims();
     eprintln!(
-        "{} images, {} {} steps on {} in {:.1} s",
+        "{} images, {what} on {} in {:.1} s",
         shape[0],
-        total,
-        args.sampler,
-        selected.name,
+        loaded.selected.name,
         start.elapsed().as_secs_f64()
     );
+    write_images(args, &loaded.info, kept, last, layout_row || keep.len() > 1)
+}
+
+/// Write the final images (and the kept frames, one row each) in `args.format`.
+pub(crate) fn write_images(
+    args: &OutputArgs,
+    info: &model_file::ModelInfo,
+    kept: Vec<Tensor<4>>,
+    last: Tensor<4>,
+    rows: bool,
+) -> Result<()> {
+    let shape = last.dims();
     match args.format {
         Format::Npy => {
             let values = images::to_vec(last);
@@ -248,22 +320,66 @@ pub fn run(args: SampleArgs) -> Result<()> {
             }
         }
         Format::Png => {
-            let rows: Vec<Vec<u8>> = if kept.len() > 1 {
+            let images: Vec<Vec<u8>> = if kept.len() > 1 {
                 // One row per frame, one column per image.
                 kept.into_iter().flat_map(images::tensor_to_rgba).collect()
             } else {
                 images::tensor_to_rgba(last)
             };
-            let cols = if keep.len() > 1 {
+            let cols = if rows {
                 shape[0]
             } else {
                 (shape[0] as f64).sqrt().ceil() as usize
             };
-            images::save_png(&images::grid(&rows, info.unet.sample_size, cols), &args.out)?;
+            images::save_png(
+                &images::grid(&images, info.unet.sample_size, cols),
+                &args.out,
+            )?;
         }
     }
     println!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// Run `ddpm sample`.
+pub fn run(args: SampleArgs) -> Result<()> {
+    let out = &args.output;
+    let loaded = Loaded::open(out)?;
+    let sampling = &args.sampling;
+    let sampler = loaded.sampler(sampling, out.no_clip)?;
+    let generate = loaded.generate_options(out, args.n);
+    let device = &loaded.selected.device;
+    let (model, info) = (&loaded.model, &loaded.info);
+    let generation = match (&args.noise, args.interpolate) {
+        (Some(path), _) => {
+            let (values, shape) = read_npy(path)?;
+            let x_t = Tensor::<4>::from_data(TensorData::new(values, shape), device);
+            Generation::from_noise(model, info, sampler, &generate, x_t, device)
+        }
+        (None, Some(seeds)) => {
+            let stochastic = sampling.sampler == SamplerKind::Ddpm
+                || (sampling.sampler == SamplerKind::Ddim && sampling.eta != 0.0);
+            if stochastic {
+                eprintln!(
+                    "note: {} {}draws fresh noise at every step, so the row's ends are not \
+                     exactly seeds {} and {}; DDIM with η = 0 decodes deterministically",
+                    sampling.sampler,
+                    if sampling.sampler == SamplerKind::Ddim {
+                        "with η > 0 "
+                    } else {
+                        ""
+                    },
+                    seeds.0,
+                    seeds.1
+                );
+            }
+            Generation::interpolate(model, info, sampler, &generate, seeds, device)
+        }
+        (None, None) => Generation::new(model, info, sampler, &generate, device),
+    }?
+    .with_batch_threads(loaded.selected.batch_threads);
+    let what = format!("{} {} steps", sampling.steps, sampling.sampler);
+    finish(generation, &loaded, out, &what, args.interpolate.is_some())
 }
 
 /// `ddpm export` flags.

@@ -649,3 +649,266 @@ fn bench_names_the_config_and_backend_when_a_case_runs_out_of_memory() {
     // The case that fits is still measured and reported.
     assert!(stdout.contains("train       2  "), "{stdout}");
 }
+
+/// A 28×28 grayscale picture (a bright rectangle on black, a garment-like blob) and masks.
+fn write_gray_png(path: &Path, width: u32, height: u32, f: impl Fn(u32, u32) -> u8) {
+    let img = image::GrayImage::from_fn(width, height, |x, y| image::Luma([f(x, y)]));
+    img.save(path).unwrap();
+}
+
+fn edit_args<'a>(command: &'a str, model: &'a str, image: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        command,
+        "--model",
+        model,
+        "--image",
+        image,
+        "--class",
+        "trouser",
+        "--seed",
+        "5",
+        "--backend",
+        "cpu",
+        "--format",
+        "npy",
+        "--out",
+        out,
+    ]
+}
+
+#[test]
+fn edit_commands_inpaint_vary_and_interpolate() {
+    let dir = temp_dir("edit");
+    let bundled =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../web/assets/fashion-mnist.safetensors");
+    let model = p(&bundled);
+    let image = dir.join("image.png");
+    write_gray_png(&image, 28, 28, |x, y| {
+        if (8..20).contains(&x) && (3..25).contains(&y) {
+            220
+        } else {
+            10
+        }
+    });
+    let right = dir.join("right.png");
+    write_gray_png(&right, 28, 28, |x, _| if x >= 14 { 255 } else { 0 });
+    let pixel = |v: u8| v as f32 / 127.5 - 1.0;
+    let original: Vec<f32> = (0..28 * 28)
+        .map(|i| {
+            let (x, y) = (i % 28, i / 28);
+            pixel(if (8..20).contains(&x) && (3..25).contains(&y) {
+                220
+            } else {
+                10
+            })
+        })
+        .collect();
+
+    // Inpainting: the kept (left) half is the picture exactly, the right half is new.
+    let out = dir.join("inpaint.npy");
+    let mut args = edit_args("inpaint", model, p(&image), p(&out));
+    args.extend([
+        "--mask",
+        p(&right),
+        "--steps",
+        "10",
+        "--jump",
+        "3",
+        "--resample",
+        "2",
+    ]);
+    ok(&args);
+    let x = read_npy(&out);
+    assert_eq!(x.len(), 28 * 28, "one image of the model's size");
+    let (mut kept, mut changed) = (0f32, 0f32);
+    for i in 0..28 * 28 {
+        let d = (x[i] - original[i]).abs();
+        if i % 28 < 14 {
+            kept = kept.max(d)
+        } else {
+            changed = changed.max(d)
+        }
+    }
+    assert!(kept < 1e-5, "kept pixels moved by {kept}");
+    assert!(
+        changed > 0.1,
+        "the regenerated half is the picture ({changed})"
+    );
+
+    // --n 3 gives three completions; with --frames a trajectory grid (PNG).
+    let grid = dir.join("grid.png");
+    let mut args = edit_args("inpaint", model, p(&image), p(&grid));
+    let format = args.iter().position(|a| *a == "npy").unwrap();
+    args[format] = "png";
+    args.extend([
+        "--mask",
+        p(&right),
+        "--steps",
+        "6",
+        "--jump",
+        "2",
+        "--resample",
+        "2",
+        "--n",
+        "3",
+        "--frames",
+        "4",
+    ]);
+    ok(&args);
+    let png = image::open(&grid).unwrap();
+    assert_eq!((png.width(), png.height()), (3 * 30 + 2, 4 * 30 + 2));
+
+    // Image-to-image: a small strength stays near the picture, strength 1 goes far from it.
+    let distance = |strength: &str| {
+        let out = dir.join(format!("vary-{strength}.npy"));
+        let mut args = edit_args("img2img", model, p(&image), p(&out));
+        args.extend(["--strength", strength, "--steps", "20"]);
+        ok(&args);
+        let x = read_npy(&out);
+        x.iter()
+            .zip(&original)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / x.len() as f32
+    };
+    let (near, far) = (distance("0.1"), distance("1"));
+    assert!(
+        near < 0.1 && far > 2.0 * near,
+        "mean |Δ|: strength 0.1 {near}, strength 1 {far}"
+    );
+
+    // Interpolation: the row's ends are the two seeds' own images.
+    let row = dir.join("row.npy");
+    sample(
+        &bundled,
+        &[
+            "--class",
+            "bag",
+            "--interpolate",
+            "3,7",
+            "--n",
+            "5",
+            "--format",
+            "npy",
+        ],
+        &row,
+    );
+    let row = read_npy(&row);
+    for (seed, at) in [("3", 0), ("7", 4)] {
+        let one = dir.join(format!("seed{seed}.npy"));
+        sample(
+            &bundled,
+            &[
+                "--class", "bag", "--seed", seed, "--n", "1", "--format", "npy",
+            ],
+            &one,
+        );
+        assert_eq!(
+            &row[at * 784..(at + 1) * 784],
+            &read_npy(&one)[..],
+            "seed {seed}"
+        );
+    }
+
+    // Notes: nothing to regenerate, everything to regenerate, a non-square picture.
+    let black = dir.join("black.png");
+    write_gray_png(&black, 28, 28, |_, _| 0);
+    let same = dir.join("same.npy");
+    let mut args = edit_args("inpaint", model, p(&image), p(&same));
+    args.extend(["--mask", p(&black)]);
+    let text = ok(&args);
+    assert!(text.contains("nothing is regenerated"), "{text}");
+    assert!(
+        read_npy(&same)
+            .iter()
+            .zip(&original)
+            .all(|(a, b)| (a - b).abs() < 1e-6)
+    );
+    let white = dir.join("white.png");
+    write_gray_png(&white, 28, 28, |_, _| 255);
+    let mut args = edit_args("inpaint", model, p(&image), p(&same));
+    args.extend([
+        "--mask",
+        p(&white),
+        "--steps",
+        "4",
+        "--jump",
+        "2",
+        "--resample",
+        "1",
+    ]);
+    assert!(ok(&args).contains("plain sampling"));
+    let wide = dir.join("wide.png");
+    write_gray_png(&wide, 56, 40, |x, _| (x * 4) as u8);
+    let mut args = edit_args("img2img", model, p(&wide), p(&same));
+    args.extend(["--steps", "4"]);
+    let text = ok(&args);
+    assert!(
+        text.contains("center-cropped 56×40 to 40×40") && text.contains("resized 40×40 to 28×28"),
+        "{text}"
+    );
+
+    // Bad input: each is refused with what was wrong, and nothing is written.
+    let untouched = dir.join("untouched.npy");
+    let small_mask = dir.join("small-mask.png");
+    write_gray_png(&small_mask, 20, 20, |_, _| 255);
+    let huge = dir.join("huge.png");
+    write_gray_png(&huge, 9000, 1, |_, _| 0);
+    let text_file = dir.join("notes.png");
+    std::fs::write(&text_file, "this is not a picture").unwrap();
+    let inpaint = |extra: &[&str]| {
+        let mut args = edit_args("inpaint", model, p(&image), p(&untouched));
+        args.extend_from_slice(extra);
+        fails(&args)
+    };
+    let text = inpaint(&["--mask", p(&small_mask)]);
+    assert!(
+        text.contains("is 20×20 but the image") && text.contains("28×28"),
+        "{text}"
+    );
+    for (flag, value) in [("--jump", "0"), ("--jump", "51"), ("--resample", "0")] {
+        let text = inpaint(&["--mask", p(&right), flag, value]);
+        assert!(
+            text.contains("between 1 and the number of steps (50)"),
+            "{flag} {value}: {text}"
+        );
+    }
+    let vary = |image: &Path, strength: &str| {
+        let mut args = edit_args("img2img", model, p(image), p(&untouched));
+        let flag = format!("--strength={strength}");
+        args.push(&flag);
+        fails(&args)
+    };
+    for strength in ["0", "1.5", "-1"] {
+        assert!(
+            vary(&image, strength).contains("must be in (0, 1]"),
+            "strength {strength}"
+        );
+    }
+    assert!(vary(&text_file, "0.5").contains("is not a PNG or JPEG image"));
+    let text = vary(&huge, "0.5");
+    assert!(
+        text.contains("9000×1") && text.contains("1 to 8192"),
+        "{text}"
+    );
+    for seeds in ["3", "3,3", "a,b"] {
+        let text = fails(&[
+            "sample",
+            "--model",
+            model,
+            "--class",
+            "bag",
+            "--interpolate",
+            seeds,
+            "--backend",
+            "cpu",
+            "--out",
+            p(&untouched),
+        ]);
+        assert!(
+            text.contains("two seeds") || text.contains("not a seed"),
+            "{seeds}: {text}"
+        );
+    }
+    assert!(!untouched.exists(), "a refused command wrote its output");
+}

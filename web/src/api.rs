@@ -6,12 +6,15 @@ use std::rc::Rc;
 
 use burn::tensor::Device;
 use burn::tensor::wgpu::WgpuBackend;
+use ddpm::edit::{self, FittedImage, RePaint, RePaintOptions};
 use ddpm::model_file::{self, ModelInfo};
 use ddpm::pipeline::{GenerateOptions, Generation, MAX_BATCH, to_rgba};
 use ddpm::sampler::{SamplerKind, SamplerOptions, build_sampler};
 use ddpm::schedule::NoiseSchedule;
 use ddpm::unet::UNet;
-use js_sys::{Float32Array, Function, Object, Promise, Reflect, Uint8ClampedArray};
+use js_sys::{
+    Array, Float32Array, Function, Object, Promise, Reflect, Uint8Array, Uint8ClampedArray,
+};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{JsFuture, future_to_promise};
 
@@ -45,6 +48,49 @@ export interface SampleOptions {
   signal?: AbortSignal;
 }
 
+/** An RGBA picture, such as an `ImageData` or a canvas's `getImageData()`. */
+export interface Picture {
+  width: number;
+  height: number;
+  /** width × height × 4 bytes, row by row. */
+  data: Uint8ClampedArray | Uint8Array;
+}
+
+export interface InpaintOptions {
+  /** The picture to complete; center-cropped and resized to the model's size. */
+  image: Picture;
+  /** Same size as `image`: white (luma ≥ 128) = regenerate, black = keep. */
+  mask: Picture;
+  /** Number of completions. Default 1. */
+  n?: number;
+  /** RePaint's reverse steps (without the jumps back up). Default 25. */
+  steps?: number;
+  /** RePaint's jump length j. Default 5. */
+  jump?: number;
+  /** How often each jump point is passed (1 = no resampling). Default 5. */
+  resample?: number;
+  /** 0 = deterministic (default), 1 = DDPM's variance. */
+  eta?: number;
+  seed?: number;
+  classLabel?: number | string;
+  guidance?: number;
+  every?: number;
+  onStep?: (progress: StepProgress) => boolean | void;
+  signal?: AbortSignal;
+}
+
+export interface Img2ImgOptions extends SampleOptions {
+  /** The picture to vary; center-cropped and resized to the model's size. */
+  image: Picture;
+  /** How much to change, in (0, 1]. Default 0.6. */
+  strength?: number;
+}
+
+export interface InterpolateOptions extends SampleOptions {
+  /** Two seeds: the row goes from the first seed's image to the second's. */
+  seeds: [number, number];
+}
+
 export interface StepProgress {
   step: number;
   total: number;
@@ -66,6 +112,8 @@ export interface Samples {
   rgba: Uint8ClampedArray;
   msPerStep: number;
   backend: BackendName;
+  /** What was done to the inputs (cropped, resized, nothing to regenerate ...), if anything. */
+  note?: string;
 }
 "#;
 
@@ -335,6 +383,61 @@ impl Diffusion {
         let inner = self.inner.clone();
         future_to_promise(async move { sample(&inner, options).await.map(JsValue::from) })
     }
+
+    /// `picture` fitted to the model as the editing methods fit it (center-cropped to a square,
+    /// resized by area averaging, converted to the model's channels): `{ rgba, size, note }`,
+    /// `rgba` the size×size RGBA result.
+    #[wasm_bindgen(js_name = fitImage, unchecked_return_type = "{ rgba: Uint8ClampedArray; size: number; note?: string }")]
+    pub fn fit_image(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "Picture")] picture: JsValue,
+    ) -> Result<Object, JsValue> {
+        let inner = &self.inner;
+        let holder = Object::new();
+        set(&holder, "image", picture);
+        let c = inner.info.unet.in_channels;
+        let (fitted, _) = self::picture(inner, &holder, "image", c)?;
+        let s = inner.info.unet.sample_size;
+        let out = Object::new();
+        set(&out, "rgba", rgba_array(&fitted.values, [1, c, s, s]));
+        set(&out, "size", s as f64);
+        if let Some(note) = fitted.note {
+            set(&out, "note", note);
+        }
+        Ok(out)
+    }
+
+    /// Regenerate the white part of `mask` over `image` and keep the rest (RePaint). Resolves
+    /// like `sample`; a mask with nothing white gives the image back unchanged, with a `note`.
+    #[wasm_bindgen(unchecked_return_type = "Promise<Samples>")]
+    pub fn inpaint(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "InpaintOptions")] options: JsValue,
+    ) -> Promise {
+        let inner = self.inner.clone();
+        future_to_promise(async move { inpaint(&inner, options).await.map(JsValue::from) })
+    }
+
+    /// Vary `image`: noise it to `strength` of the schedule and denoise it again (SDEdit).
+    #[wasm_bindgen(unchecked_return_type = "Promise<Samples>")]
+    pub fn img2img(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "Img2ImgOptions")] options: JsValue,
+    ) -> Promise {
+        let inner = self.inner.clone();
+        future_to_promise(async move { img2img(&inner, options).await.map(JsValue::from) })
+    }
+
+    /// A row of `n` images from `seeds[0]`'s image to `seeds[1]`'s (spherical interpolation of
+    /// the initial noise; the ends equal those seeds' own images with DDIM at η = 0).
+    #[wasm_bindgen(unchecked_return_type = "Promise<Samples>")]
+    pub fn interpolate(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "InterpolateOptions")] options: JsValue,
+    ) -> Promise {
+        let inner = self.inner.clone();
+        future_to_promise(async move { interpolate(&inner, options).await.map(JsValue::from) })
+    }
 }
 
 struct Parsed {
@@ -347,9 +450,9 @@ struct Parsed {
     signal: Option<JsValue>,
 }
 
-fn parse(inner: &Inner, options: &JsValue) -> Result<Parsed, JsValue> {
+fn parse(inner: &Inner, options: &JsValue, default_n: usize) -> Result<Parsed, JsValue> {
     let info = &inner.info;
-    let n = get_count(options, "n", 16)?;
+    let n = get_count(options, "n", default_n)?;
     if !(1..=MAX_IMAGES.min(MAX_BATCH)).contains(&n) {
         return Err(js_err(format!("n = {n}: choose 1 to {MAX_IMAGES} images")));
     }
@@ -452,24 +555,196 @@ fn cancelled(signal: &Option<JsValue>) -> bool {
     })
 }
 
-async fn sample(inner: &Inner, options: JsValue) -> Result<Object, JsValue> {
-    let p = parse(inner, &options)?;
+fn sampler_for(
+    inner: &Inner,
+    p: &Parsed,
+) -> Result<Box<dyn ddpm::sampler::Sampler + Send>, JsValue> {
     let info = &inner.info;
     let schedule = NoiseSchedule::new(&info.schedule).map_err(js_err)?;
     let sampler_options = SamplerOptions {
         eta: p.eta,
         ..SamplerOptions::default()
     };
-    let sampler = build_sampler(
+    build_sampler(
         p.kind,
         &schedule,
         info.prediction,
         p.steps,
         &sampler_options,
     )
+    .map_err(js_err)
+}
+
+async fn sample(inner: &Inner, options: JsValue) -> Result<Object, JsValue> {
+    let p = parse(inner, &options, 16)?;
+    let sampler = sampler_for(inner, &p)?;
+    let generation = Generation::new(
+        &inner.model,
+        &inner.info,
+        sampler,
+        &p.generate,
+        &inner.device,
+    )
     .map_err(js_err)?;
-    let mut generation =
-        Generation::new(&inner.model, info, sampler, &p.generate, &inner.device).map_err(js_err)?;
+    drive(inner, generation, &p, None).await
+}
+
+/// The `image` (or `mask`) option: an RGBA picture, checked from its width and height before
+/// its pixels are read, and fitted to the model.
+fn picture(
+    inner: &Inner,
+    options: &JsValue,
+    key: &str,
+    channels: usize,
+) -> Result<(FittedImage, [usize; 2]), JsValue> {
+    let value = get(options, key)?.ok_or_else(|| {
+        js_err(format!(
+            "option `{key}` is missing: give an ImageData (or {{ width, height, data }})"
+        ))
+    })?;
+    let side = |name: &str| -> Result<usize, JsValue> {
+        Reflect::get(&value, &name.into())?
+            .as_f64()
+            .filter(|v| *v >= 0.0 && v.fract() == 0.0)
+            .map(|v| v as usize)
+            .ok_or_else(|| js_err(format!("`{key}.{name}` must be a whole number of pixels")))
+    };
+    let (width, height) = (side("width")?, side("height")?);
+    edit::check_image_size(width, height).map_err(|e| js_err(format!("`{key}`: {e}")))?;
+    let data = Reflect::get(&value, &"data".into())?;
+    let bytes = if data.is_instance_of::<Uint8ClampedArray>() {
+        Uint8ClampedArray::from(data).to_vec()
+    } else if data.is_instance_of::<Uint8Array>() {
+        Uint8Array::from(data).to_vec()
+    } else {
+        return Err(js_err(format!(
+            "`{key}.data` must be a Uint8ClampedArray of RGBA bytes"
+        )));
+    };
+    let fitted = edit::fit_image(&bytes, width, height, inner.info.unet.sample_size, channels)
+        .map_err(|e| js_err(format!("`{key}`: {e}")))?;
+    Ok((fitted, [width, height]))
+}
+
+fn number_or(options: &JsValue, key: &str, default: f64) -> Result<f64, JsValue> {
+    Ok(get_number(options, key)?.unwrap_or(default))
+}
+
+async fn img2img(inner: &Inner, options: JsValue) -> Result<Object, JsValue> {
+    let p = parse(inner, &options, 1)?;
+    let strength = number_or(&options, "strength", 0.6)?;
+    edit::img2img_start(p.steps, strength).map_err(js_err)?;
+    let c = inner.info.unet.in_channels;
+    let (fitted, _) = picture(inner, &options, "image", c)?;
+    let image = edit::image_tensor(fitted.values, c, &inner.device);
+    let sampler = sampler_for(inner, &p)?;
+    let generation = Generation::img2img(
+        &inner.model,
+        &inner.info,
+        sampler,
+        &p.generate,
+        image,
+        strength,
+        &inner.device,
+    )
+    .map_err(js_err)?;
+    drive(inner, generation, &p, fitted.note).await
+}
+
+async fn inpaint(inner: &Inner, options: JsValue) -> Result<Object, JsValue> {
+    let p = parse(inner, &options, 1)?;
+    let info = &inner.info;
+    let schedule = NoiseSchedule::new(&info.schedule).map_err(js_err)?;
+    let repaint_options = RePaintOptions {
+        steps: p.steps,
+        jump_length: get_count(&options, "jump", 5)?,
+        jump_n_sample: get_count(&options, "resample", 5)?,
+        eta: p.eta,
+        clip_sample: true,
+    };
+    let repaint = RePaint::new(&schedule, info.prediction, &repaint_options).map_err(js_err)?;
+    let c = info.unet.in_channels;
+    let (fitted, size) = picture(inner, &options, "image", c)?;
+    let (mask, mask_size) = picture(inner, &options, "mask", 1)?;
+    if mask_size != size {
+        return Err(js_err(format!(
+            "the mask is {}×{} but the image is {}×{}: give a mask of the image's size",
+            mask_size[0], mask_size[1], size[0], size[1]
+        )));
+    }
+    let mask = edit::mask_from_fitted(&mask, 1);
+    let white = mask.iter().filter(|&&m| m > 0.5).count();
+    let image = edit::image_tensor(fitted.values, c, &inner.device);
+    let mut notes: Vec<String> = fitted.note.into_iter().collect();
+    if white == 0 {
+        notes.push("the mask has nothing to regenerate: the image is returned unchanged".into());
+        let images = image.repeat_dim(0, p.generate.n);
+        let values = read_back(&images).await?;
+        return Ok(result(
+            inner,
+            &values,
+            p.generate.n,
+            0.0,
+            Some(notes.join("; ")),
+        ));
+    }
+    if white == mask.len() {
+        notes.push(
+            "the mask covers the whole image: nothing is kept, this is plain sampling".into(),
+        );
+    }
+    let mask = edit::image_tensor(mask, 1, &inner.device);
+    let generation = Generation::inpaint(
+        &inner.model,
+        info,
+        repaint,
+        &p.generate,
+        image,
+        mask,
+        &inner.device,
+    )
+    .map_err(js_err)?;
+    let note = (!notes.is_empty()).then(|| notes.join("; "));
+    drive(inner, generation, &p, note).await
+}
+
+async fn interpolate(inner: &Inner, options: JsValue) -> Result<Object, JsValue> {
+    let p = parse(inner, &options, 8)?;
+    let seeds = get(&options, "seeds")?
+        .filter(Array::is_array)
+        .map(Array::from)
+        .filter(|a| a.length() == 2)
+        .ok_or_else(|| js_err("option `seeds` must be two seeds, e.g. [3, 7]"))?;
+    let seed = |i: u32| {
+        seeds
+            .get(i)
+            .as_f64()
+            .filter(|v| *v >= 0.0 && v.fract() == 0.0)
+            .map(|v| v as u64)
+            .ok_or_else(|| js_err("option `seeds` must hold two whole numbers ≥ 0"))
+    };
+    let sampler = sampler_for(inner, &p)?;
+    let generation = Generation::interpolate(
+        &inner.model,
+        &inner.info,
+        sampler,
+        &p.generate,
+        (seed(0)?, seed(1)?),
+        &inner.device,
+    )
+    .map_err(js_err)?;
+    drive(inner, generation, &p, None).await
+}
+
+/// Run a generation step by step: previews through `onStep`, a yield to the event loop after
+/// every step, cancellation; resolves to the final images.
+async fn drive(
+    inner: &Inner,
+    mut generation: Generation<'_>,
+    p: &Parsed,
+    note: Option<String>,
+) -> Result<Object, JsValue> {
+    let info = &inner.info;
     let total = generation.total_steps();
     let (s, c) = (info.unet.sample_size, info.unet.in_channels);
     let shape = [p.generate.n, c, s, s];
@@ -499,13 +774,29 @@ async fn sample(inner: &Inner, options: JsValue) -> Result<Object, JsValue> {
     }
     let values = read_back(generation.sample()).await?;
     let ms_per_step = (now_ms() - start) / total.max(1) as f64;
+    Ok(result(inner, &values, p.generate.n, ms_per_step, note))
+}
+
+/// The object a run resolves to (`Samples` in the TypeScript types).
+fn result(
+    inner: &Inner,
+    values: &[f32],
+    n: usize,
+    ms_per_step: f64,
+    note: Option<String>,
+) -> Object {
+    let info = &inner.info;
+    let (s, c) = (info.unet.sample_size, info.unet.in_channels);
     let out = Object::new();
-    set(&out, "n", p.generate.n as f64);
+    set(&out, "n", n as f64);
     set(&out, "size", s as f64);
     set(&out, "channels", c as f64);
-    set(&out, "rgba", rgba_array(&values, shape));
-    set(&out, "pixels", Float32Array::from(&values[..]));
+    set(&out, "rgba", rgba_array(values, [n, c, s, s]));
+    set(&out, "pixels", Float32Array::from(values));
     set(&out, "msPerStep", ms_per_step);
     set(&out, "backend", inner.backend);
-    Ok(out)
+    if let Some(note) = note {
+        set(&out, "note", note);
+    }
+    out
 }

@@ -7,6 +7,9 @@
 //! const out = await d.sample({ n: 16, steps: 25, sampler: "ddim", seed: 7,
 //!                              onStep: ({ step, total, rgba }) => draw(rgba) });
 //! d.backend();                                       // "webgpu" or "cpu"
+//! await d.inpaint({ image, mask, steps: 25, jump: 5, resample: 5 }); // white = regenerate
+//! await d.img2img({ image, strength: 0.6 });
+//! await d.interpolate({ seeds: [3, 7], n: 8 });
 //! ```
 //!
 //! The same model, seed and sampler give the same numbers as `ddpm sample` (the noise stream

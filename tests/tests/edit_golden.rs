@@ -1,0 +1,260 @@
+//! Golden test: editing against diffusers 0.42 — RePaint inpainting (`RePaintPipeline` and
+//! `RePaintScheduler` with guidance) and image-to-image with DDIM, DDPM and DPM-Solver++, on the
+//! UNets of `tests/fixtures/unet/`, fed the same noise draws (fixtures written by
+//! `tests/fixtures/make_edit_fixtures.py`; see its header).
+//!
+//! Also: an interpolation's end images equal the two seeds' own runs exactly.
+
+use std::cell::Cell;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use ddpm::edit::{RePaint, RePaintOptions};
+use ddpm::model_file::{self, ModelInfo};
+use ddpm::noise::NoiseSource;
+use ddpm::pipeline::{GenerateOptions, Generation};
+use ddpm::sampler::{SamplerKind, SamplerOptions, build_sampler};
+use ddpm::schedule::NoiseSchedule;
+use ddpm::unet::UNet;
+use ddpm_tests::{max_abs_diff, named_values, read_fixture, tensor};
+use serde::Deserialize;
+
+/// Whole f32 runs against diffusers' f32 runs (our coefficients are f64, rounded once).
+const TOLERANCE: f32 = 1e-4;
+
+#[derive(Debug, Deserialize)]
+struct Manifest {
+    cases: Vec<Case>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Case {
+    name: String,
+    kind: String,
+    unet: String,
+    n: usize,
+    steps: usize,
+    #[serde(default)]
+    jump: usize,
+    #[serde(default)]
+    resample: usize,
+    #[serde(default)]
+    eta: f64,
+    #[serde(default)]
+    class_label: Option<usize>,
+    #[serde(default)]
+    null_class: Option<usize>,
+    #[serde(default)]
+    guidance: Option<f64>,
+    #[serde(default)]
+    sampler: Option<String>,
+    #[serde(default)]
+    strength: f64,
+    timesteps: Vec<usize>,
+}
+
+/// The fixture script's `formula_noise`: draw k is z_i = √2 · sin(12.9898 · i + 78.233 · (k + 1))
+/// in f64, rounded to f32. Counts its draws in `draws`.
+struct FormulaNoise<'a> {
+    draws: &'a Cell<usize>,
+}
+
+impl NoiseSource for FormulaNoise<'_> {
+    fn gaussian(&mut self, shape: [usize; 4], device: &Device) -> Tensor<4> {
+        let n: usize = shape.iter().product();
+        let k = (self.draws.get() + 1) as f64;
+        let values: Vec<f32> = (0..n)
+            .map(|i| (2f64.sqrt() * (12.9898 * i as f64 + 78.233 * k).sin()) as f32)
+            .collect();
+        self.draws.set(self.draws.get() + 1);
+        Tensor::from_data(TensorData::new(values, shape), device)
+    }
+}
+
+fn import(name: &str, device: &Device) -> (UNet, ModelInfo) {
+    let config = String::from_utf8(read_fixture(&format!("unet/{name}/config.json"))).unwrap();
+    let weights = read_fixture(&format!("unet/{name}/diffusion_pytorch_model.safetensors"));
+    model_file::import_diffusers(&config, None, &weights, device).expect("import")
+}
+
+fn manifest() -> Manifest {
+    serde_json::from_slice(&read_fixture("edit/manifest.json")).expect("manifest")
+}
+
+fn expected_draws(fixtures: &[u8], case: &str) -> usize {
+    named_values(fixtures, &format!("{case}/draws")).0[0] as usize
+}
+
+#[test]
+fn repaint_matches_diffusers() {
+    let device = Device::flex();
+    let fixtures = read_fixture("edit/edit.safetensors");
+    let cases: Vec<Case> = manifest()
+        .cases
+        .into_iter()
+        .filter(|c| c.kind == "repaint")
+        .collect();
+    assert_eq!(cases.len(), 2);
+    for case in cases {
+        let (model, mut info) = import(&case.unet, &device);
+        if let Some(null) = case.null_class {
+            // A null class makes guidance possible: name the classes before it.
+            info.class_names = (0..null).map(|i| format!("class {i}")).collect();
+        }
+        let schedule = NoiseSchedule::new(&info.schedule).unwrap();
+        let options = RePaintOptions {
+            steps: case.steps,
+            jump_length: case.jump,
+            jump_n_sample: case.resample,
+            eta: case.eta,
+            clip_sample: true,
+        };
+        let repaint = RePaint::new(&schedule, info.prediction, &options).unwrap();
+        assert_eq!(
+            repaint.timesteps(),
+            case.timesteps,
+            "{}: timesteps",
+            case.name
+        );
+        let image: Tensor<4> = tensor(&fixtures, &format!("{}/image", case.name), &device);
+        let keep: Tensor<4> = tensor(&fixtures, &format!("{}/mask", case.name), &device);
+        let mask = keep.neg().add_scalar(1.0); // ours: 1 = regenerate
+        let generate = GenerateOptions {
+            n: case.n,
+            seed: 0,
+            class: case.class_label,
+            guidance: case.guidance.unwrap_or(1.0),
+        };
+        let draws = Cell::new(0);
+        let noise = Box::new(FormulaNoise { draws: &draws });
+        let generation = Generation::inpaint_with_noise(
+            &model, &info, repaint, &generate, image, mask, noise, &device,
+        )
+        .unwrap();
+        let output = generation.run();
+        assert_eq!(
+            draws.get(),
+            expected_draws(&fixtures, &case.name),
+            "{}: noise draws",
+            case.name
+        );
+        let expected: Tensor<4> = tensor(&fixtures, &format!("{}/output", case.name), &device);
+        let diff = max_abs_diff(output, expected);
+        assert!(
+            diff < TOLERANCE,
+            "{}: max |ours − diffusers| = {diff}",
+            case.name
+        );
+    }
+}
+
+#[test]
+fn img2img_matches_diffusers_timesteps_add_noise_and_steps() {
+    let device = Device::flex();
+    let fixtures = read_fixture("edit/edit.safetensors");
+    let cases: Vec<Case> = manifest()
+        .cases
+        .into_iter()
+        .filter(|c| c.kind == "img2img")
+        .collect();
+    assert_eq!(cases.len(), 3);
+    let (model, info) = import("gray28", &device);
+    let schedule = NoiseSchedule::new(&info.schedule).unwrap();
+    let image: Tensor<4> = tensor(&fixtures, "img2img/image", &device);
+    for case in cases {
+        let kind: SamplerKind = case.sampler.as_deref().unwrap().parse().unwrap();
+        let sampler = build_sampler(
+            kind,
+            &schedule,
+            info.prediction,
+            case.steps,
+            &SamplerOptions::default(),
+        )
+        .unwrap();
+        let start = ddpm::edit::img2img_start(case.steps, case.strength).unwrap();
+        assert_eq!(
+            &sampler.timesteps()[start..],
+            case.timesteps,
+            "{}: timesteps",
+            case.name
+        );
+        let draws = Cell::new(0);
+        let noise = Box::new(FormulaNoise { draws: &draws });
+        let generate = GenerateOptions {
+            n: case.n,
+            ..GenerateOptions::default()
+        };
+        let generation = Generation::img2img_with_noise(
+            &model,
+            &info,
+            sampler,
+            &generate,
+            image.clone(),
+            case.strength,
+            noise,
+            &device,
+        )
+        .unwrap();
+        assert_eq!(generation.total_steps(), case.timesteps.len());
+        let output = generation.run();
+        assert_eq!(
+            draws.get(),
+            expected_draws(&fixtures, &case.name),
+            "{}: noise draws",
+            case.name
+        );
+        let expected: Tensor<4> = tensor(&fixtures, &format!("{}/output", case.name), &device);
+        // DPM-Solver++ does not clip x̂_0 and this random UNet's outputs reach ~±10: relative.
+        let scale = expected.clone().abs().max().into_scalar::<f32>().max(1.0);
+        let diff = max_abs_diff(output, expected) / scale;
+        assert!(
+            diff < TOLERANCE,
+            "{}: max |ours − diffusers| / {scale} = {diff}",
+            case.name
+        );
+    }
+}
+
+#[test]
+fn interpolation_ends_are_the_two_seeded_runs() {
+    let device = Device::flex();
+    let (model, info) = import("gray28", &device);
+    let schedule = NoiseSchedule::new(&info.schedule).unwrap();
+    let ddim = || {
+        build_sampler(
+            SamplerKind::Ddim,
+            &schedule,
+            info.prediction,
+            4,
+            &SamplerOptions::default(),
+        )
+        .unwrap()
+    };
+    let options = |n, seed| GenerateOptions {
+        n,
+        seed,
+        ..GenerateOptions::default()
+    };
+    let row = Generation::interpolate(&model, &info, ddim(), &options(5, 0), (3, 7), &device)
+        .unwrap()
+        .run();
+    let seeded = |seed| {
+        Generation::new(&model, &info, ddim(), &options(1, seed), &device)
+            .unwrap()
+            .run()
+    };
+    let first = row.clone().narrow(0, 0, 1);
+    let last = row.clone().narrow(0, 4, 1);
+    assert_eq!(max_abs_diff(first, seeded(3)), 0.0, "seed 3's end");
+    assert_eq!(max_abs_diff(last, seeded(7)), 0.0, "seed 7's end");
+    // The middle is neither end.
+    let middle = row.narrow(0, 2, 1);
+    assert!(max_abs_diff(middle.clone(), seeded(3)) > 0.1);
+    assert!(max_abs_diff(middle, seeded(7)) > 0.1);
+    // One seed, or one image, is refused.
+    for (n, seeds) in [(5, (3, 3)), (1, (3, 7))] {
+        let e = Generation::interpolate(&model, &info, ddim(), &options(n, 0), seeds, &device)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("two seeds") || e.contains("at least 2"), "{e}");
+    }
+}
