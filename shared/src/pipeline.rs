@@ -54,12 +54,15 @@ enum Plan<'a> {
         sampler: Box<dyn Sampler + 'a>,
         start: usize,
     },
-    /// RePaint's moves, putting back `known` where `keep` is 1.
-    Inpaint {
-        repaint: RePaint,
-        known: Tensor<4>,
-        keep: Tensor<4>,
-    },
+    /// RePaint's moves, putting back the known image.
+    Inpaint(Box<Inpainting>),
+}
+
+/// A RePaint run's schedule and what it keeps: `known` where `keep` is 1.
+struct Inpainting {
+    repaint: RePaint,
+    known: Tensor<4>,
+    keep: Tensor<4>,
 }
 
 /// A sampling run in progress.
@@ -268,11 +271,11 @@ impl<'a> Generation<'a> {
         }
         let keep = mask.neg().add_scalar(1.0).clamp(0.0, 1.0); // 1 = keep the known pixel
         let x_t = noise.gaussian(known.dims(), device); // x_T ~ N(0, I)
-        let plan = Plan::Inpaint {
+        let plan = Plan::Inpaint(Box::new(Inpainting {
             repaint,
             known,
             keep,
-        };
+        }));
         Self::build(model, info, plan, options, x_t, noise, device)
     }
 
@@ -362,7 +365,7 @@ impl<'a> Generation<'a> {
     pub fn total_steps(&self) -> usize {
         match &self.plan {
             Plan::Sample { sampler, start } => sampler.timesteps().len() - start,
-            Plan::Inpaint { repaint, .. } => repaint.moves().len(),
+            Plan::Inpaint(inpainting) => inpainting.repaint.moves().len(),
         }
     }
 
@@ -396,19 +399,22 @@ impl<'a> Generation<'a> {
                 };
                 sampler.step(model_output, t, x, self.noise.as_mut())
             }
-            Plan::Inpaint {
-                repaint,
-                known,
-                keep,
-            } => match repaint.moves()[self.index] {
-                RePaintMove::Denoise(t) => {
-                    let model_output = self.predict(x.clone(), t);
-                    repaint
-                        .denoise(model_output, t, x, known, keep, self.noise.as_mut())
-                        .prev_sample
+            Plan::Inpaint(inpainting) => {
+                let Inpainting {
+                    repaint,
+                    known,
+                    keep,
+                } = inpainting.as_ref();
+                match repaint.moves()[self.index] {
+                    RePaintMove::Denoise(t) => {
+                        let model_output = self.predict(x.clone(), t);
+                        repaint
+                            .denoise(model_output, t, x, known, keep, self.noise.as_mut())
+                            .prev_sample
+                    }
+                    RePaintMove::Renoise(from) => repaint.renoise(x, from, self.noise.as_mut()),
                 }
-                RePaintMove::Renoise(from) => repaint.renoise(x, from, self.noise.as_mut()),
-            },
+            }
         };
         self.index += 1;
         true

@@ -712,7 +712,7 @@ async fn interpolate(inner: &Inner, options: JsValue) -> Result<Object, JsValue>
     let p = parse(inner, &options, 8)?;
     let seeds = get(&options, "seeds")?
         .filter(Array::is_array)
-        .map(Array::from)
+        .map(|value| Array::from(&value))
         .filter(|a| a.length() == 2)
         .ok_or_else(|| js_err("option `seeds` must be two seeds, e.g. [3, 7]"))?;
     let seed = |i: u32| {
@@ -752,7 +752,7 @@ async fn drive(
     while generation.step() {
         let done = generation.steps_done();
         if let Some(callback) = &p.on_step
-            && (done % p.every == 0 || done == total)
+            && (done.is_multiple_of(p.every) || done == total)
         {
             let values = read_back(generation.sample()).await?;
             let progress = Object::new();
