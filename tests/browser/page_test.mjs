@@ -175,6 +175,7 @@ async function editsMatchNative(page, label) {
     const c = document.getElementById("canvas");
     return { width: c.width, height: c.height, size: window.ddpmPage.shown.size, n: window.ddpmPage.shown.n };
   });
+  await page.$eval("#canvas", (e) => e.scrollIntoView({ block: "center" }));
   const box = await (await page.$("#canvas")).boundingBox();
   const size = grid.size;
   await page.mouse.click(box.x + (1.5 * size) / grid.width * box.width, box.y + (0.5 * size) / grid.height * box.height);
@@ -184,7 +185,9 @@ async function editsMatchNative(page, label) {
     `${label}: clicking the grid's second image picks it for editing`);
   if (!picked) return;
 
-  // Paint the right third with the mouse, row by row (brush 2 px wide).
+  // Paint the right third with the mouse, row by row (brush 2 px wide), as a user would after
+  // scrolling down to the editor.
+  await page.$eval("#edit-mask", (e) => e.scrollIntoView({ block: "center" }));
   const m = await (await page.$("#edit-mask")).boundingBox();
   for (let y = 1; y < size; y += 2) {
     const py = m.y + ((y + 0.5) / size) * m.height;
@@ -266,6 +269,28 @@ try {
       `without WebGPU the page runs on the CPU and says so ("${note[1]}")`);
     await sameAsNative(page, "cpu");
     await editsMatchNative(page, "cpu");
+
+    // The module's editing methods refuse bad input with readable errors.
+    const refusals = await page.evaluate(async () => {
+      const d = window.ddpmPage.model;
+      const size = d.imageSize;
+      const picture = (w, h) => ({ width: w, height: h, data: new Uint8ClampedArray(w * h * 4).fill(255) });
+      const image = picture(size, size);
+      const attempt = async (f) => { try { await f(); return "resolved"; } catch (e) { return e.message; } };
+      return {
+        maskSize: await attempt(() => d.inpaint({ image, mask: picture(size + 1, size), classLabel: 0 })),
+        jump: await attempt(() => d.inpaint({ image, mask: image, jump: 0, classLabel: 0 })),
+        strength: await attempt(() => d.img2img({ image, strength: 1.5, classLabel: 0 })),
+        huge: await attempt(() => d.img2img({ image: { width: 9000, height: 2, data: new Uint8ClampedArray(8) }, classLabel: 0 })),
+        seeds: await attempt(() => d.interpolate({ seeds: [3], classLabel: 0 })),
+        same: await attempt(() => d.interpolate({ seeds: [3, 3], n: 4, classLabel: 0 })),
+      };
+    });
+    check(/mask is 29×28 but the image is 28×28/.test(refusals.maskSize), `inpaint with a mask of another size is refused ("${refusals.maskSize}")`);
+    check(/jump length \(0\) must be between 1 and the number of steps/.test(refusals.jump), `jump 0 is refused ("${refusals.jump}")`);
+    check(/strength \(1.5\) must be in \(0, 1\]/.test(refusals.strength), `strength 1.5 is refused ("${refusals.strength}")`);
+    check(/9000×2 pixels: each side must be 1 to 8192/.test(refusals.huge), `a 9000-pixel picture is refused ("${refusals.huge}")`);
+    check(/two seeds/.test(refusals.seeds) && /two seeds/.test(refusals.same), `interpolation needs two different seeds ("${refusals.seeds}"; "${refusals.same}")`);
 
     // A corrupt model file: a message, and the previous model still works.
     const bad = join(mkdtempSync(join(tmpdir(), "ddpm-bad-")), "broken.safetensors");
