@@ -11,7 +11,8 @@
 //     previous model. Out-of-range settings give a message; a long run can be cancelled.
 //  4. Editing, on both backends: a generated image is picked by clicking it, a mask is painted
 //     with the mouse, Inpaint and Vary run; their results equal `ddpm inpaint` / `ddpm img2img`
-//     run natively on the same picture and mask (written out as PNGs) within 1e-3. An empty mask
+//     run natively on the same picture and mask (written out as PNGs) within 1e-3, and the
+//     module's interpolate equals `ddpm sample --interpolate`. An empty mask
 //     returns the image with a note; a file that is not a picture is refused on the page.
 import { createServer } from "node:http";
 import { execFileSync } from "node:child_process";
@@ -227,6 +228,15 @@ async function editsMatchNative(page, label) {
     const diff = maxDiff(vary.last.pixels, want);
     check(diff <= 1e-3, `${label}: Vary equals ddpm img2img (max |diff| ${diff.toExponential(2)} ≤ 1e-3)`);
   }
+
+  // The module's interpolate equals `ddpm sample --interpolate`.
+  const row = await page.evaluate(async (inputs) => {
+    const out = await window.ddpmPage.model.interpolate({ seeds: [3, 7], n: 3, steps: 4, classLabel: inputs.class, guidance: inputs.guidance });
+    return Array.from(out.pixels);
+  }, inputs);
+  const wantRow = nativeRun("row", ["sample", "--interpolate", "3,7", "--n", "3", "--steps", "4", "--class", String(inputs.class), "--guidance", String(inputs.guidance)]);
+  const rowDiff = maxDiff(row, wantRow);
+  check(rowDiff <= 1e-3, `${label}: interpolate equals ddpm sample --interpolate (max |diff| ${rowDiff.toExponential(2)} ≤ 1e-3)`);
 
   // An empty mask gives the image back with a note.
   await page.click("#clear-mask");

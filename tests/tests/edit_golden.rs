@@ -18,7 +18,8 @@ use ddpm::unet::UNet;
 use ddpm_tests::{max_abs_diff, named_values, read_fixture, tensor};
 use serde::Deserialize;
 
-/// Whole f32 runs against diffusers' f32 runs (our coefficients are f64, rounded once).
+/// Whole f32 runs against diffusers' f32 runs (our coefficients are f64, rounded once), relative
+/// to max(|x|, 1).
 const TOLERANCE: f32 = 1e-4;
 
 #[derive(Debug, Deserialize)]
@@ -76,23 +77,38 @@ fn import(name: &str, device: &Device) -> (UNet, ModelInfo) {
     model_file::import_diffusers(&config, None, &weights, device).expect("import")
 }
 
-fn manifest() -> Manifest {
-    serde_json::from_slice(&read_fixture("edit/manifest.json")).expect("manifest")
+/// The manifest's cases of one kind ("repaint", "img2img").
+fn cases(kind: &str) -> Vec<Case> {
+    let manifest: Manifest =
+        serde_json::from_slice(&read_fixture("edit/manifest.json")).expect("manifest");
+    manifest
+        .cases
+        .into_iter()
+        .filter(|c| c.kind == kind)
+        .collect()
 }
 
-fn expected_draws(fixtures: &[u8], case: &str) -> usize {
-    named_values(fixtures, &format!("{case}/draws")).0[0] as usize
+/// A run's output against diffusers': the same number of noise draws, and every value within
+/// [`TOLERANCE`] relative to max(|x|, 1) (DPM-Solver++ does not clip x̂_0, and the random UNets'
+/// outputs reach ~±10 there).
+fn check_against_diffusers(fixtures: &[u8], case: &Case, output: Tensor<4>, draws: usize) {
+    let expected_draws = named_values(fixtures, &format!("{}/draws", case.name)).0[0] as usize;
+    assert_eq!(draws, expected_draws, "{}: noise draws", case.name);
+    let expected: Tensor<4> = tensor(fixtures, &format!("{}/output", case.name), &output.device());
+    let scale = expected.clone().abs().max().into_scalar::<f32>().max(1.0);
+    let diff = max_abs_diff(output, expected) / scale;
+    assert!(
+        diff < TOLERANCE,
+        "{}: max |ours − diffusers| / {scale} = {diff}",
+        case.name
+    );
 }
 
 #[test]
 fn repaint_matches_diffusers() {
     let device = Device::flex();
     let fixtures = read_fixture("edit/edit.safetensors");
-    let cases: Vec<Case> = manifest()
-        .cases
-        .into_iter()
-        .filter(|c| c.kind == "repaint")
-        .collect();
+    let cases = cases("repaint");
     assert_eq!(cases.len(), 2);
     for case in cases {
         let (model, mut info) = import(&case.unet, &device);
@@ -130,20 +146,7 @@ fn repaint_matches_diffusers() {
             &model, &info, repaint, &generate, image, mask, noise, &device,
         )
         .unwrap();
-        let output = generation.run();
-        assert_eq!(
-            draws.get(),
-            expected_draws(&fixtures, &case.name),
-            "{}: noise draws",
-            case.name
-        );
-        let expected: Tensor<4> = tensor(&fixtures, &format!("{}/output", case.name), &device);
-        let diff = max_abs_diff(output, expected);
-        assert!(
-            diff < TOLERANCE,
-            "{}: max |ours − diffusers| = {diff}",
-            case.name
-        );
+        check_against_diffusers(&fixtures, &case, generation.run(), draws.get());
     }
 }
 
@@ -151,11 +154,7 @@ fn repaint_matches_diffusers() {
 fn img2img_matches_diffusers_timesteps_add_noise_and_steps() {
     let device = Device::flex();
     let fixtures = read_fixture("edit/edit.safetensors");
-    let cases: Vec<Case> = manifest()
-        .cases
-        .into_iter()
-        .filter(|c| c.kind == "img2img")
-        .collect();
+    let cases = cases("img2img");
     assert_eq!(cases.len(), 3);
     let (model, info) = import("gray28", &device);
     let schedule = NoiseSchedule::new(&info.schedule).unwrap();
@@ -195,22 +194,7 @@ fn img2img_matches_diffusers_timesteps_add_noise_and_steps() {
         )
         .unwrap();
         assert_eq!(generation.total_steps(), case.timesteps.len());
-        let output = generation.run();
-        assert_eq!(
-            draws.get(),
-            expected_draws(&fixtures, &case.name),
-            "{}: noise draws",
-            case.name
-        );
-        let expected: Tensor<4> = tensor(&fixtures, &format!("{}/output", case.name), &device);
-        // DPM-Solver++ does not clip x̂_0 and this random UNet's outputs reach ~±10: relative.
-        let scale = expected.clone().abs().max().into_scalar::<f32>().max(1.0);
-        let diff = max_abs_diff(output, expected) / scale;
-        assert!(
-            diff < TOLERANCE,
-            "{}: max |ours − diffusers| / {scale} = {diff}",
-            case.name
-        );
+        check_against_diffusers(&fixtures, &case, generation.run(), draws.get());
     }
 }
 
