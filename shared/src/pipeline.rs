@@ -266,7 +266,8 @@ impl<'a> Generation<'a> {
         let [mn, mc, mh, mw] = mask.dims();
         if !(mn == 1 || mn == options.n) || !(mc == 1 || mc == c) || mh != s || mw != s {
             return Err(Error::InvalidInput(format!(
-                "the mask is {mh}×{mw} ({mn} × {mc} channels); it must be {s}×{s} like the image,                  with 1 or {c} channels"
+                "the mask is {mh}×{mw} ({mn} × {mc} channels); it must be {s}×{s} like the image, \
+                 with 1 or {c} channels"
             )));
         }
         let keep = mask.neg().add_scalar(1.0).clamp(0.0, 1.0); // 1 = keep the known pixel
