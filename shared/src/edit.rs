@@ -447,27 +447,58 @@ fn area_weights(from: usize, to: usize) -> Vec<Vec<(usize, f64)>> {
         .collect()
 }
 
-/// A mask picture as the editing functions take it: 1 where the pixel is to be regenerated
-/// (white, luma ≥ 128 after fitting), else 0, `side · side` values.
-pub fn mask_from_fitted(fitted: &FittedImage, channels: usize) -> Vec<f32> {
-    let plane = fitted.values.len() / channels;
-    (0..plane)
-        .map(|p| {
-            // Luma of the fitted pixel back in 0..=255 (one channel: it already is luma).
-            let luma = if channels == 1 {
-                fitted.values[p]
-            } else {
-                0.299 * fitted.values[p]
-                    + 0.587 * fitted.values[plane + p]
-                    + 0.114 * fitted.values[2 * plane + p]
-            };
-            if (luma + 1.0) * 127.5 >= 127.5 {
-                1.0
-            } else {
-                0.0
-            }
-        })
-        .collect()
+/// How much of the picture a mask regenerates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaskCover {
+    /// No white pixel: the picture comes back unchanged.
+    Nothing,
+    /// Some white pixels: the usual case.
+    Part,
+    /// Every pixel white: nothing is kept, the run is plain sampling.
+    Everything,
+}
+
+/// A mask fitted to the model as its picture is ([`fit_mask`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FittedMask {
+    /// `side · side` values: 1 where the pixel is to be regenerated, else 0.
+    pub values: Vec<f32>,
+    /// How many of them are 1.
+    pub cover: MaskCover,
+}
+
+/// Fit a mask picture (RGBA, `width · height · 4` bytes) the way [`fit_image`] fits the picture
+/// it belongs to, whose size is `picture` (width, height), then threshold it: white (luma ≥ 128
+/// after fitting) = regenerate.
+///
+/// # Errors
+/// [`Error::InvalidInput`] for a mask of another size than the picture, and as [`fit_image`].
+pub fn fit_mask(
+    rgba: &[u8],
+    width: usize,
+    height: usize,
+    picture: (usize, usize),
+    side: usize,
+) -> Result<FittedMask> {
+    if (width, height) != picture {
+        return Err(Error::InvalidInput(format!(
+            "the mask is {width}×{height} but the image is {}×{}: give a mask of the image's size",
+            picture.0, picture.1
+        )));
+    }
+    let luma = fit_image(rgba, width, height, side, 1)?.values;
+    // Luma v ∈ [−1, 1] is the byte (v + 1) · 127.5: white from 127.5 (v ≥ 0) up.
+    let values: Vec<f32> = luma
+        .iter()
+        .map(|&v| if v >= 0.0 { 1.0 } else { 0.0 })
+        .collect();
+    let white = values.iter().filter(|&&m| m > 0.5).count();
+    let cover = match white {
+        0 => MaskCover::Nothing,
+        w if w == values.len() => MaskCover::Everything,
+        _ => MaskCover::Part,
+    };
+    Ok(FittedMask { values, cover })
 }
 
 /// A `[1, c, s, s]` (or `[1, 1, s, s]` for a mask) tensor from fitted values.
@@ -614,17 +645,21 @@ mod tests {
                 .contains("1 to 8192")
         );
         assert!(check_image_size(9000, 10).is_err());
-        // White regenerates, black keeps.
-        let mask = fit_image(
-            &[
-                255, 255, 255, 255, 0, 0, 0, 255, 200, 200, 200, 255, 100, 100, 100, 255,
-            ],
-            2,
-            2,
-            2,
-            1,
-        )
-        .unwrap();
-        assert_eq!(mask_from_fitted(&mask, 1), [1.0, 0.0, 1.0, 0.0]);
+        // White regenerates, black keeps (the threshold is 128); the mask must be the picture's
+        // size.
+        let grey = |v: u8| [v, v, v, 255];
+        let pixels = [grey(255), grey(0), grey(200), grey(100)].concat();
+        let mask = fit_mask(&pixels, 2, 2, (2, 2), 2).unwrap();
+        assert_eq!(mask.values, [1.0, 0.0, 1.0, 0.0]);
+        assert_eq!(mask.cover, MaskCover::Part);
+        let cover = |v: u8| {
+            fit_mask(&[grey(v), grey(v)].concat(), 2, 1, (2, 1), 1)
+                .unwrap()
+                .cover
+        };
+        assert_eq!(cover(128), MaskCover::Everything);
+        assert_eq!(cover(127), MaskCover::Nothing);
+        let e = fit_mask(&pixels, 2, 2, (3, 2), 2).unwrap_err().to_string();
+        assert!(e.contains("the mask is 2×2 but the image is 3×2"), "{e}");
     }
 }

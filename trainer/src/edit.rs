@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Tensor};
 use clap::Args;
-use ddpm::edit::{self, FittedImage, RePaint, RePaintOptions};
+use ddpm::edit::{self, MaskCover, RePaint, RePaintOptions};
 use ddpm::model_file::ModelInfo;
 use ddpm::pipeline::Generation;
 use image::{ImageFormat, ImageReader};
@@ -98,26 +98,27 @@ fn read_picture(path: &Path, what: &str) -> Result<Picture> {
     })
 }
 
-/// The picture at `path` fitted to the model, as a `[1, c, s, s]` tensor; says what was done to
-/// fit it.
-fn read_image(path: &Path, info: &ModelInfo, device: &Device) -> Result<(Tensor<4>, Picture)> {
+/// The picture at `path` fitted to the model, as a `[1, c, s, s]` tensor, and its size on disk
+/// (width, height); says what was done to fit it.
+fn read_image(
+    path: &Path,
+    info: &ModelInfo,
+    device: &Device,
+) -> Result<(Tensor<4>, (usize, usize))> {
     let picture = read_picture(path, "image")?;
-    let fitted = fit(&picture, info, info.unet.in_channels)?;
-    if let Some(note) = &fitted.note {
-        eprintln!("note: {}: {note}", path.display());
-    }
     let c = info.unet.in_channels;
-    Ok((edit::image_tensor(fitted.values, c, device), picture))
-}
-
-fn fit(picture: &Picture, info: &ModelInfo, channels: usize) -> Result<FittedImage> {
-    Ok(edit::fit_image(
+    let fitted = edit::fit_image(
         &picture.rgba,
         picture.width,
         picture.height,
         info.unet.sample_size,
-        channels,
-    )?)
+        c,
+    )?;
+    if let Some(note) = &fitted.note {
+        eprintln!("note: {}: {note}", path.display());
+    }
+    let size = (picture.width, picture.height);
+    Ok((edit::image_tensor(fitted.values, c, device), size))
 }
 
 /// Run `ddpm img2img`.
@@ -171,38 +172,40 @@ pub fn inpaint(args: InpaintArgs) -> Result<()> {
             args.steps, args.jump, args.resample
         )
     })?;
-    let (image, picture) = read_image(&args.image, info, device)?;
+    let (image, size) = read_image(&args.image, info, device)?;
     let mask_picture = read_picture(&args.mask, "mask")?;
-    if (mask_picture.width, mask_picture.height) != (picture.width, picture.height) {
-        bail!(
-            "the mask {} is {}×{} but the image {} is {}×{}: give a mask of the image's size",
+    let mask = edit::fit_mask(
+        &mask_picture.rgba,
+        mask_picture.width,
+        mask_picture.height,
+        size,
+        info.unet.sample_size,
+    )
+    .with_context(|| {
+        format!(
+            "the mask {} does not fit the image {}",
             args.mask.display(),
-            mask_picture.width,
-            mask_picture.height,
-            args.image.display(),
-            picture.width,
-            picture.height
-        );
-    }
-    let mask = edit::mask_from_fitted(&fit(&mask_picture, info, 1)?, 1);
-    let white = mask.iter().filter(|&&m| m > 0.5).count();
-    if white == 0 {
-        eprintln!(
-            "note: the mask {} has no white pixels, so nothing is regenerated: writing the \
-             image unchanged",
-            args.mask.display()
-        );
-        let image = image.repeat_dim(0, args.n.max(1));
-        return sample::write_images(out, info, Vec::new(), image, false);
-    }
-    if white == mask.len() {
-        eprintln!(
+            args.image.display()
+        )
+    })?;
+    match mask.cover {
+        MaskCover::Nothing => {
+            eprintln!(
+                "note: the mask {} has no white pixels, so nothing is regenerated: writing the \
+                 image unchanged",
+                args.mask.display()
+            );
+            let image = image.repeat_dim(0, args.n.max(1));
+            return sample::write_images(out, info, Vec::new(), image, false);
+        }
+        MaskCover::Everything => eprintln!(
             "note: the mask {} is white everywhere, so nothing of the image is kept: this is \
              plain sampling (with RePaint's schedule)",
             args.mask.display()
-        );
+        ),
+        MaskCover::Part => {}
     }
-    let mask = edit::image_tensor(mask, 1, device);
+    let mask = edit::image_tensor(mask.values, 1, device);
     let generate = loaded.generate_options(out, args.n);
     let generation =
         Generation::inpaint(&loaded.model, info, repaint, &generate, image, mask, device)?

@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use burn::tensor::Device;
 use burn::tensor::wgpu::WgpuBackend;
-use ddpm::edit::{self, FittedImage, RePaint, RePaintOptions};
+use ddpm::edit::{self, FittedImage, MaskCover, RePaint, RePaintOptions};
 use ddpm::model_file::{self, ModelInfo};
 use ddpm::pipeline::{GenerateOptions, Generation, MAX_BATCH, to_rgba};
 use ddpm::sampler::{SamplerKind, SamplerOptions, build_sampler};
@@ -393,11 +393,8 @@ impl Diffusion {
         #[wasm_bindgen(unchecked_param_type = "Picture")] picture: JsValue,
     ) -> Result<Object, JsValue> {
         let inner = &self.inner;
-        let holder = Object::new();
-        set(&holder, "image", picture);
-        let c = inner.info.unet.in_channels;
-        let (fitted, _) = self::picture(inner, &holder, "image", c)?;
-        let s = inner.info.unet.sample_size;
+        let fitted = fit(inner, &read_picture(&picture, "picture")?, "picture")?;
+        let (s, c) = (inner.info.unet.sample_size, inner.info.unet.in_channels);
         let out = Object::new();
         set(&out, "rgba", rgba_array(&fitted.values, [1, c, s, s]));
         set(&out, "size", s as f64);
@@ -589,41 +586,63 @@ async fn sample(inner: &Inner, options: JsValue) -> Result<Object, JsValue> {
     drive(inner, generation, &p, None).await
 }
 
-/// The `image` (or `mask`) option: an RGBA picture, checked from its width and height before
-/// its pixels are read, and fitted to the model.
-fn picture(
-    inner: &Inner,
-    options: &JsValue,
-    key: &str,
-    channels: usize,
-) -> Result<(FittedImage, [usize; 2]), JsValue> {
-    let value = get(options, key)?.ok_or_else(|| {
-        js_err(format!(
-            "option `{key}` is missing: give an ImageData (or {{ width, height, data }})"
-        ))
-    })?;
+/// An RGBA picture handed in from JavaScript.
+struct Picture {
+    rgba: Vec<u8>,
+    width: usize,
+    height: usize,
+}
+
+/// Read `value` (an ImageData or `{ width, height, data }`; `what` names it in errors), checked
+/// from its width and height before its pixels are copied.
+fn read_picture(value: &JsValue, what: &str) -> Result<Picture, JsValue> {
     let side = |name: &str| -> Result<usize, JsValue> {
-        Reflect::get(&value, &name.into())?
+        Reflect::get(value, &name.into())?
             .as_f64()
             .filter(|v| *v >= 0.0 && v.fract() == 0.0)
             .map(|v| v as usize)
-            .ok_or_else(|| js_err(format!("`{key}.{name}` must be a whole number of pixels")))
+            .ok_or_else(|| js_err(format!("`{what}.{name}` must be a whole number of pixels")))
     };
     let (width, height) = (side("width")?, side("height")?);
-    edit::check_image_size(width, height).map_err(|e| js_err(format!("`{key}`: {e}")))?;
-    let data = Reflect::get(&value, &"data".into())?;
-    let bytes = if data.is_instance_of::<Uint8ClampedArray>() {
+    edit::check_image_size(width, height).map_err(|e| js_err(format!("`{what}`: {e}")))?;
+    let data = Reflect::get(value, &"data".into())?;
+    let rgba = if data.is_instance_of::<Uint8ClampedArray>() {
         Uint8ClampedArray::from(data).to_vec()
     } else if data.is_instance_of::<Uint8Array>() {
         Uint8Array::from(data).to_vec()
     } else {
         return Err(js_err(format!(
-            "`{key}.data` must be a Uint8ClampedArray of RGBA bytes"
+            "`{what}.data` must be a Uint8ClampedArray of RGBA bytes"
         )));
     };
-    let fitted = edit::fit_image(&bytes, width, height, inner.info.unet.sample_size, channels)
-        .map_err(|e| js_err(format!("`{key}`: {e}")))?;
-    Ok((fitted, [width, height]))
+    Ok(Picture {
+        rgba,
+        width,
+        height,
+    })
+}
+
+/// The option `key`, which must be given, read as a picture.
+fn picture_option(options: &JsValue, key: &str) -> Result<Picture, JsValue> {
+    let value = get(options, key)?.ok_or_else(|| {
+        js_err(format!(
+            "option `{key}` is missing: give an ImageData (or {{ width, height, data }})"
+        ))
+    })?;
+    read_picture(&value, key)
+}
+
+/// `picture` fitted to the model's size and channels.
+fn fit(inner: &Inner, picture: &Picture, what: &str) -> Result<FittedImage, JsValue> {
+    let unet = &inner.info.unet;
+    edit::fit_image(
+        &picture.rgba,
+        picture.width,
+        picture.height,
+        unet.sample_size,
+        unet.in_channels,
+    )
+    .map_err(|e| js_err(format!("`{what}`: {e}")))
 }
 
 fn number_or(options: &JsValue, key: &str, default: f64) -> Result<f64, JsValue> {
@@ -634,9 +653,8 @@ async fn img2img(inner: &Inner, options: JsValue) -> Result<Object, JsValue> {
     let p = parse(inner, &options, 1)?;
     let strength = number_or(&options, "strength", 0.6)?;
     edit::img2img_start(p.steps, strength).map_err(js_err)?;
-    let c = inner.info.unet.in_channels;
-    let (fitted, _) = picture(inner, &options, "image", c)?;
-    let image = edit::image_tensor(fitted.values, c, &inner.device);
+    let fitted = fit(inner, &picture_option(&options, "image")?, "image")?;
+    let image = edit::image_tensor(fitted.values, inner.info.unet.in_channels, &inner.device);
     let sampler = sampler_for(inner, &p)?;
     let generation = Generation::img2img(
         &inner.model,
@@ -663,37 +681,34 @@ async fn inpaint(inner: &Inner, options: JsValue) -> Result<Object, JsValue> {
         clip_sample: true,
     };
     let repaint = RePaint::new(&schedule, info.prediction, &repaint_options).map_err(js_err)?;
-    let c = info.unet.in_channels;
-    let (fitted, size) = picture(inner, &options, "image", c)?;
-    let (mask, mask_size) = picture(inner, &options, "mask", 1)?;
-    if mask_size != size {
-        return Err(js_err(format!(
-            "the mask is {}×{} but the image is {}×{}: give a mask of the image's size",
-            mask_size[0], mask_size[1], size[0], size[1]
-        )));
-    }
-    let mask = edit::mask_from_fitted(&mask, 1);
-    let white = mask.iter().filter(|&&m| m > 0.5).count();
-    let image = edit::image_tensor(fitted.values, c, &inner.device);
+    let picture = picture_option(&options, "image")?;
+    let fitted = fit(inner, &picture, "image")?;
+    let mask = picture_option(&options, "mask")?;
+    let mask = edit::fit_mask(
+        &mask.rgba,
+        mask.width,
+        mask.height,
+        (picture.width, picture.height),
+        info.unet.sample_size,
+    )
+    .map_err(js_err)?;
+    let image = edit::image_tensor(fitted.values, info.unet.in_channels, &inner.device);
     let mut notes: Vec<String> = fitted.note.into_iter().collect();
-    if white == 0 {
-        notes.push("the mask has nothing to regenerate: the image is returned unchanged".into());
-        let images = image.repeat_dim(0, p.generate.n);
-        let values = read_back(&images).await?;
-        return Ok(result(
-            inner,
-            &values,
-            p.generate.n,
-            0.0,
-            Some(notes.join("; ")),
-        ));
-    }
-    if white == mask.len() {
-        notes.push(
+    match mask.cover {
+        MaskCover::Nothing => {
+            notes
+                .push("the mask has nothing to regenerate: the image is returned unchanged".into());
+            let images = image.repeat_dim(0, p.generate.n);
+            let values = read_back(&images).await?;
+            let note = Some(notes.join("; "));
+            return Ok(result(inner, &values, p.generate.n, 0.0, note));
+        }
+        MaskCover::Everything => notes.push(
             "the mask covers the whole image: nothing is kept, this is plain sampling".into(),
-        );
+        ),
+        MaskCover::Part => {}
     }
-    let mask = edit::image_tensor(mask, 1, &inner.device);
+    let mask = edit::image_tensor(mask.values, 1, &inner.device);
     let generation = Generation::inpaint(
         &inner.model,
         info,
