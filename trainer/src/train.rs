@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail, ensure};
 use burn::grad_clipping::GradientClippingConfig;
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use clap::{Args, ValueEnum};
 use ddpm::diffusion::{self, LossWeighting, PredictionType};
 use ddpm::model_file::{self, ModelInfo, StoreDType};
@@ -133,11 +133,13 @@ pub struct TrainArgs {
     /// Data set: fashion-mnist[:DIR], mnist:DIR, mnist-json:DIR, cifar10:DIR or folder:DIR.
     #[arg(long, default_value = "fashion-mnist")]
     pub data: DataSource,
-    /// Run directory to create (config, checkpoints, samples, loss curve, model file).
+    /// Run directory to create (config, checkpoints, samples, loss curve, model file). With
+    /// --resume: continue the resumed run (or saved state) here instead, leaving it untouched.
     #[arg(long, required_unless_present = "resume")]
     pub out: Option<PathBuf>,
-    /// Continue the run in this directory from its newest readable checkpoint.
-    #[arg(long, conflicts_with_all = ["out", "init"])]
+    /// Continue the run (or saved state, see `ddpm export --state`) in this directory from its
+    /// newest readable checkpoint.
+    #[arg(long, conflicts_with = "init")]
     pub resume: Option<PathBuf>,
     /// Start from the weights of this model file (fine-tuning); its architecture is used.
     #[arg(long)]
@@ -220,6 +222,260 @@ pub struct TrainArgs {
     /// Print a log line every N steps (besides the progress bar).
     #[arg(long, default_value_t = 100)]
     pub log_every: u64,
+    /// The flags given on the command line (clap ids), filled in by `main`: with --resume,
+    /// a given flag must agree with the stored run.
+    #[arg(skip)]
+    pub given: Vec<String>,
+}
+
+fn schedule_of(arg: ScheduleArg) -> BetaSchedule {
+    match arg {
+        ScheduleArg::Linear => BetaSchedule::Linear,
+        ScheduleArg::Cosine => BetaSchedule::Cosine,
+        ScheduleArg::ScaledLinear => BetaSchedule::ScaledLinear,
+        ScheduleArg::Sigmoid => BetaSchedule::Sigmoid,
+    }
+}
+
+fn prediction_of(arg: PredictionArg) -> PredictionType {
+    match arg {
+        PredictionArg::Epsilon => PredictionType::Epsilon,
+        PredictionArg::V => PredictionType::VPrediction,
+        PredictionArg::Sample => PredictionType::Sample,
+    }
+}
+
+/// The command-line name of a value-enum value.
+fn flag_value<T: ValueEnum>(value: &T) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
+/// The `--flag value` spelling of the enum value whose mapping gives `stored`, if any.
+fn stored_enum<T: ValueEnum, U: PartialEq + std::fmt::Debug>(
+    stored: &U,
+    map: impl Fn(T) -> U,
+) -> String {
+    T::value_variants()
+        .iter()
+        .find(|v| map((*v).clone()) == *stored)
+        .map(flag_value)
+        .unwrap_or_else(|| format!("{stored:?}"))
+}
+
+/// `--model`'s preset name for a stored UNet, or its widths and depth.
+fn stored_model(unet: &UNetConfig) -> String {
+    ModelSize::value_variants()
+        .iter()
+        .find(|m| same_architecture(&m.config(unet.sample_size, unet.in_channels), unet))
+        .map(flag_value)
+        .unwrap_or_else(|| {
+            format!(
+                "channels {:?}, {} layers per block (from --init)",
+                unet.block_out_channels, unet.layers_per_block
+            )
+        })
+}
+
+/// Equal UNets apart from the class embedding, which --conditional decides.
+fn same_architecture(a: &UNetConfig, b: &UNetConfig) -> bool {
+    let strip = |u: &UNetConfig| UNetConfig {
+        num_class_embeds: None,
+        ..u.clone()
+    };
+    strip(a) == strip(b)
+}
+
+/// Run settings that --resume may change: they do not alter what is trained.
+const RESUME_SETTINGS: [&str; 9] = [
+    "resume",
+    "out",
+    "steps",
+    "backend",
+    "log_every",
+    "checkpoint_every",
+    "sample_every",
+    "sample_steps",
+    "keep",
+];
+
+/// The flags of `args` that contradict the stored run `config`, as (flag, given, stored).
+fn contradictions(args: &TrainArgs, config: &RunConfig) -> Vec<(String, String, String)> {
+    let unet = &config.model.unet;
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "unset".into());
+    let mut found = Vec::new();
+    for id in &args.given {
+        if RESUME_SETTINGS.contains(&id.as_str()) {
+            continue;
+        }
+        let (given, stored, same) = match id.as_str() {
+            "data" => {
+                let given = args.data.to_string();
+                (given.clone(), config.data.clone(), given == config.data)
+            }
+            "model" => (
+                flag_value(&args.model),
+                stored_model(unet),
+                same_architecture(&args.model.config(unet.sample_size, unet.in_channels), unet),
+            ),
+            "image_size" => (
+                opt(args.image_size.map(|v| v.to_string())),
+                unet.sample_size.to_string(),
+                args.image_size == Some(unet.sample_size),
+            ),
+            "channels" => (
+                opt(args.channels.map(|v| v.to_string())),
+                unet.in_channels.to_string(),
+                args.channels == Some(unet.in_channels),
+            ),
+            "classes" => (
+                args.classes.join(","),
+                config.classes.join(","),
+                args.classes == config.classes,
+            ),
+            "limit" => (
+                opt(args.limit.map(|v| v.to_string())),
+                opt(config.limit.map(|v| v.to_string())),
+                args.limit == config.limit,
+            ),
+            "conditional" => (
+                args.conditional.to_string(),
+                config.conditional.to_string(),
+                args.conditional == config.conditional,
+            ),
+            "p_uncond" => (
+                args.p_uncond.to_string(),
+                config.p_uncond.to_string(),
+                args.p_uncond == config.p_uncond,
+            ),
+            "schedule" => (
+                flag_value(&args.schedule),
+                stored_enum(&config.model.schedule.beta_schedule, schedule_of),
+                schedule_of(args.schedule) == config.model.schedule.beta_schedule,
+            ),
+            "timesteps" => (
+                args.timesteps.to_string(),
+                config.model.schedule.num_train_timesteps.to_string(),
+                args.timesteps == config.model.schedule.num_train_timesteps,
+            ),
+            "prediction" => (
+                flag_value(&args.prediction),
+                stored_enum(&config.model.prediction, prediction_of),
+                prediction_of(args.prediction) == config.model.prediction,
+            ),
+            "min_snr_gamma" => {
+                let stored = match config.loss {
+                    LossWeighting::MinSnr { gamma } => Some(gamma),
+                    _ => None,
+                };
+                (
+                    opt(args.min_snr_gamma.map(|v| v.to_string())),
+                    opt(stored.map(|v| v.to_string())),
+                    args.min_snr_gamma == stored,
+                )
+            }
+            "batch_size" => (
+                args.batch_size.to_string(),
+                config.batch_size.to_string(),
+                args.batch_size == config.batch_size,
+            ),
+            "lr" => (
+                args.lr.to_string(),
+                config.lr.to_string(),
+                args.lr == config.lr,
+            ),
+            "warmup" => (
+                args.warmup.to_string(),
+                config.warmup.to_string(),
+                args.warmup == config.warmup,
+            ),
+            "lr_schedule" => (
+                flag_value(&args.lr_schedule),
+                flag_value(&config.lr_schedule),
+                args.lr_schedule == config.lr_schedule,
+            ),
+            "grad_clip" => (
+                args.grad_clip.to_string(),
+                config.grad_clip.to_string(),
+                args.grad_clip == config.grad_clip,
+            ),
+            "ema_decay" => (
+                args.ema_decay.to_string(),
+                config.ema_decay.to_string(),
+                args.ema_decay == config.ema_decay,
+            ),
+            "hflip" => (
+                opt(args.hflip.map(|v| v.to_string())),
+                config.hflip.to_string(),
+                args.hflip == Some(config.hflip),
+            ),
+            "seed" => (
+                args.seed.to_string(),
+                config.seed.to_string(),
+                args.seed == config.seed,
+            ),
+            other => (
+                String::new(),
+                format!("(a flag --resume does not take: {other})"),
+                false,
+            ),
+        };
+        if !same {
+            found.push((format!("--{}", id.replace('_', "-")), given, stored));
+        }
+    }
+    found
+}
+
+/// Refuse flags that contradict the run being resumed; apply the run settings it may change.
+fn resume_config(args: &TrainArgs, dir: &Path, mut config: RunConfig) -> Result<RunConfig> {
+    let found = contradictions(args, &config);
+    if !found.is_empty() {
+        let lines: Vec<String> = found
+            .iter()
+            .map(|(flag, given, stored)| {
+                format!("  {flag} {given}: the run was trained with {stored}")
+            })
+            .collect();
+        bail!(
+            "{} the stored run in {}:\n{}\nDrop {} to continue that run (it keeps its \
+             settings), or start a new run with --out DIR (without --resume). Nothing was written.",
+            if found.len() == 1 {
+                "a flag contradicts"
+            } else {
+                "flags contradict"
+            },
+            dir.display(),
+            lines.join("\n"),
+            if found.len() == 1 { "it" } else { "them" },
+        );
+    }
+    let given = |id: &str| args.given.iter().any(|g| g == id);
+    if let Some(steps) = args.steps {
+        config.steps = steps;
+    }
+    if given("log_every") {
+        config.log_every = args.log_every.max(1);
+    }
+    if given("checkpoint_every") {
+        ensure!(
+            args.checkpoint_every > 0,
+            "--checkpoint-every must be at least 1"
+        );
+        config.checkpoint_every = args.checkpoint_every;
+    }
+    if given("sample_every") {
+        config.sample_every = args.sample_every;
+    }
+    if given("sample_steps") {
+        config.sample_steps = args.sample_steps;
+    }
+    if given("keep") {
+        config.keep = args.keep;
+    }
+    Ok(config)
 }
 
 /// Everything that defines a run, saved as `config.json` in the run directory.
@@ -366,19 +622,10 @@ fn new_config(args: &TrainArgs, set_probe: &ImageSet) -> Result<RunConfig> {
             let mut info = ModelInfo::new(unet);
             info.schedule = ScheduleConfig {
                 num_train_timesteps: args.timesteps,
-                beta_schedule: match args.schedule {
-                    ScheduleArg::Linear => BetaSchedule::Linear,
-                    ScheduleArg::Cosine => BetaSchedule::Cosine,
-                    ScheduleArg::ScaledLinear => BetaSchedule::ScaledLinear,
-                    ScheduleArg::Sigmoid => BetaSchedule::Sigmoid,
-                },
+                beta_schedule: schedule_of(args.schedule),
                 ..ScheduleConfig::default()
             };
-            info.prediction = match args.prediction {
-                PredictionArg::Epsilon => PredictionType::Epsilon,
-                PredictionArg::V => PredictionType::VPrediction,
-                PredictionArg::Sample => PredictionType::Sample,
-            };
+            info.prediction = prediction_of(args.prediction);
             info
         }
     };
@@ -604,6 +851,36 @@ fn lock_run(dir: &Path) -> Result<fs::File> {
     }
 }
 
+/// `out` may become a new run: it holds no run (and, for a copy of a resumed run, is absent
+/// or an empty directory).
+fn ensure_new_run_dir(out: &Path, copy: bool) -> Result<()> {
+    if out.join("config.json").exists() {
+        bail!(
+            "{} already holds a run: continue it with --resume {} or choose another --out",
+            out.display(),
+            out.display()
+        );
+    }
+    if copy
+        && out.is_dir()
+        && fs::read_dir(out)
+            .with_context(|| format!("reading {}", out.display()))?
+            .next()
+            .is_some()
+    {
+        bail!(
+            "{} is not empty: choose a new or empty --out directory",
+            out.display()
+        );
+    }
+    ensure!(
+        !out.exists() || out.is_dir(),
+        "--out {} is a file: choose a directory",
+        out.display()
+    );
+    Ok(())
+}
+
 /// Run `ddpm train`.
 pub fn run(args: TrainArgs, stop: Arc<AtomicBool>) -> Result<()> {
     // Held until the run ends.
@@ -613,17 +890,38 @@ pub fn run(args: TrainArgs, stop: Arc<AtomicBool>) -> Result<()> {
             let path = dir.join("config.json");
             let text = fs::read_to_string(&path).with_context(|| {
                 format!(
-                    "{} is not a run directory (no readable config.json)",
+                    "{} is not a run directory or saved state (no readable config.json)",
                     dir.display()
                 )
             })?;
-            let mut config: RunConfig = serde_json::from_str(&text)
+            let stored: RunConfig = serde_json::from_str(&text)
                 .with_context(|| format!("{} is corrupt", path.display()))?;
-            _lock = lock_run(dir)?;
-            if let Some(steps) = args.steps {
-                config.steps = steps;
-            }
-            (dir.clone(), config, None)
+            let config = resume_config(&args, dir, stored)?;
+            let run_dir = match &args.out {
+                Some(out) if out != dir => {
+                    // Continue into a new run directory: check the source loads before
+                    // anything is created, then copy its newest readable checkpoint.
+                    ensure_new_run_dir(out, true)?;
+                    let loaded = checkpoint::load_latest(
+                        dir,
+                        &config.model,
+                        &Device::flex().autodiff(),
+                        &Device::flex(),
+                    )?;
+                    checkpoint::fork(dir, &loaded.dir, out)?;
+                    _lock = lock_run(out)?;
+                    out.clone()
+                }
+                _ => {
+                    _lock = lock_run(dir)?;
+                    dir.clone()
+                }
+            };
+            checkpoint::write_atomic(
+                &run_dir.join("config.json"),
+                &serde_json::to_vec_pretty(&config)?,
+            )?;
+            (run_dir, config, None)
         }
         None => {
             let out = args
@@ -638,13 +936,7 @@ pub fn run(args: TrainArgs, stop: Arc<AtomicBool>) -> Result<()> {
                 args.channels,
             )?;
             let config = new_config(&args, &set)?;
-            if out.join("config.json").exists() {
-                bail!(
-                    "{} already holds a run: continue it with --resume {} or choose another --out",
-                    out.display(),
-                    out.display()
-                );
-            }
+            ensure_new_run_dir(&out, false)?;
             fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             _lock = lock_run(&out)?;
             checkpoint::write_atomic(

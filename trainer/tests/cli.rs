@@ -225,6 +225,78 @@ fn train_resume_sample_export() {
     // Real images are closer to the test set than noise, and a 4-step model is far from it.
     let (real, noise) = (rows[1].1, rows[4].1);
     assert!(real < noise && real < rows[0].1, "{rows:?}");
+    // Precision and recall: real training images lie on the test images' manifold and cover
+    // it; uniform noise covers none of it (with 40 images the manifolds' k-NN balls are wide,
+    // so some noise images still fall inside one).
+    let pr = |i: usize| {
+        let row = &report["rows"][i];
+        (
+            row["precision"].as_f64().unwrap(),
+            row["recall"].as_f64().unwrap(),
+        )
+    };
+    let (real_p, real_r) = pr(1);
+    assert!(real_p > 0.5 && real_r > 0.5, "real images: {:?}", pr(1));
+    assert!(
+        pr(4).1 < 0.05 && pr(4).0 < real_p,
+        "uniform noise: {:?}",
+        pr(4)
+    );
+    for i in 0..5 {
+        let (p, r) = pr(i);
+        assert!(
+            (0.0..=1.0).contains(&p) && (0.0..=1.0).contains(&r),
+            "{i}: {p} {r}"
+        );
+    }
+}
+
+/// `ddpm eval` of a class-conditional model (the bundled one): the requested-class rate and a
+/// Fréchet distance per class against that class's test images, beside its floor.
+#[test]
+fn eval_reports_each_class_of_a_conditional_model() {
+    let dir = temp_dir("eval-classes");
+    let bundled =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../web/assets/fashion-mnist.safetensors");
+    let report = dir.join("eval.json");
+    let text = ok(&[
+        "eval",
+        "--model",
+        p(&bundled),
+        "--n",
+        "30",
+        "--steps",
+        "2",
+        "--batch-size",
+        "3",
+        "--backend",
+        "cpu",
+        "--json",
+        p(&report),
+    ]);
+    assert!(text.contains("per-class Fréchet distance"), "{text}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let classes = report["per_class"].as_array().unwrap();
+    assert_eq!(classes.len(), 10, "{classes:?}");
+    for row in classes {
+        let (fd, floor) = (
+            row["frechet_distance"].as_f64().unwrap(),
+            row["floor"].as_f64().unwrap(),
+        );
+        assert_eq!(row["samples"].as_u64(), Some(3), "{row}");
+        // Two DDIM steps draw blurs: farther from the class than its own training images.
+        assert!(fd.is_finite() && floor.is_finite() && floor < fd, "{row}");
+    }
+    let accuracy = report["requested_class_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&accuracy));
+    let mean = report["per_class_mean"].as_f64().unwrap();
+    let expected = classes
+        .iter()
+        .map(|r| r["frechet_distance"].as_f64().unwrap())
+        .sum::<f64>()
+        / 10.0;
+    assert!((mean - expected).abs() < 1e-9 * expected);
 }
 
 /// `ddpm sample` with 3 steps on the CPU, plus `extra` flags.
