@@ -2,52 +2,13 @@
 //! subset (the Debian package's files), resume, sampling in every format, export and the
 //! errors a user meets first. CPU backend, tiny shapes.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::Path;
+use std::process::Command;
+
+use common::{DDPM, fails, ok, p, temp_dir};
 use ddpm::noise::SeededNoise;
-
-const DDPM: &str = env!("CARGO_BIN_EXE_ddpm");
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ddpm-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn ddpm(args: &[&str]) -> Output {
-    Command::new(DDPM)
-        .args(args)
-        .output()
-        .expect("running ddpm")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = ddpm(args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "ddpm {args:?} failed:\n{text}");
-    text
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = ddpm(args);
-    let text = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "ddpm {args:?} should fail");
-    assert!(
-        !text.contains("panicked"),
-        "ddpm {args:?} panicked:\n{text}"
-    );
-    text
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 /// A tiny run: 64 Fashion-MNIST images, the tiny UNet, batch 8.
 fn train_args<'a>(out: &'a str, steps: &'a str) -> Vec<&'a str> {

@@ -2,50 +2,12 @@
 //! of the bundled model on a fresh checkout, a saved state against the run it came from, the
 //! flags that contradict a stored run, a corrupt state and two trainers on one state.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-const DDPM: &str = env!("CARGO_BIN_EXE_ddpm");
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ddpm-state-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn ddpm(args: &[&str]) -> Output {
-    Command::new(DDPM)
-        .args(args)
-        .output()
-        .expect("running ddpm")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = ddpm(args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "ddpm {args:?} failed:\n{text}");
-    text
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = ddpm(args);
-    let text = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "ddpm {args:?} should fail");
-    assert!(
-        !text.contains("panicked"),
-        "ddpm {args:?} panicked:\n{text}"
-    );
-    text
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
+use common::{DDPM, fails, ok, p, temp_dir};
 
 /// (step, loss) rows of a run's loss log.
 fn losses(run: &Path) -> Vec<(u64, f64)> {

@@ -1,0 +1,49 @@
+//! Running the `ddpm` binary from the integration tests: a fresh temporary directory, a run that
+//! must succeed (stdout and stderr returned) or fail without a panic (stderr returned).
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const DDPM: &str = env!("CARGO_BIN_EXE_ddpm");
+
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ddpm-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn ddpm(args: &[&str]) -> Output {
+    Command::new(DDPM)
+        .args(args)
+        .output()
+        .expect("running ddpm")
+}
+
+pub fn ok(args: &[&str]) -> String {
+    let out = ddpm(args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "ddpm {args:?} failed:\n{text}");
+    text
+}
+
+pub fn fails(args: &[&str]) -> String {
+    let out = ddpm(args);
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "ddpm {args:?} should fail");
+    assert!(
+        !text.contains("panicked"),
+        "ddpm {args:?} panicked:\n{text}"
+    );
+    text
+}
+
+pub fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
