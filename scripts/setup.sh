@@ -16,6 +16,8 @@ command -v node >/dev/null 2>&1 || apt_packages+=(nodejs)
 command -v npm >/dev/null 2>&1 || apt_packages+=(npm)
 # Chromium runs the page in the browser test (WebGPU on its bundled SwiftShader).
 command -v chromium >/dev/null 2>&1 || apt_packages+=(chromium)
+# Firefox ESR runs the page too (CPU fallback; puppeteer-core drives it over WebDriver BiDi).
+command -v firefox-esr >/dev/null 2>&1 || apt_packages+=(firefox-esr)
 # trunk's build needs OpenSSL headers and pkg-config (its native-tls feature).
 [ -e /usr/include/openssl/ssl.h ] || apt_packages+=(libssl-dev)
 command -v pkg-config >/dev/null 2>&1 || apt_packages+=(pkg-config)
@@ -51,8 +53,9 @@ if ! trunk --version 2>/dev/null | grep -q "0.21.14"; then
   say "cargo install trunk 0.21.14 (several minutes)"
   cargo install trunk --version 0.21.14 --locked
 fi
-# wasm-opt 132 from npm (Debian's binaryen 108 breaks the module) and puppeteer-core.
-if [ ! -x node_modules/.bin/wasm-opt ] || [ ! -d node_modules/puppeteer-core ]; then
-  say "npm ci (binaryen, puppeteer-core)"
+# wasm-opt 132 from npm (Debian's binaryen 108 breaks the module), puppeteer-core, and esbuild
+# (the package test bundles a page that imports the npm package).
+if [ ! -x node_modules/.bin/wasm-opt ] || [ ! -d node_modules/puppeteer-core ] || [ ! -x node_modules/.bin/esbuild ]; then
+  say "npm ci (binaryen, puppeteer-core, esbuild)"
   npm ci --no-audit --no-fund --loglevel=error
 fi

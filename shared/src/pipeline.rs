@@ -8,6 +8,8 @@
 //! ([`Generation::img2img`]), RePaint inpainting ([`Generation::inpaint`]) and the decoding of
 //! interpolated noise ([`Generation::interpolate`]).
 
+use std::ops::Range;
+
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::diffusion::q_sample;
@@ -34,6 +36,62 @@ pub struct GenerateOptions {
     /// Classifier-free guidance scale w: ε = ε_uncond + w (ε_cond − ε_uncond). 1 means no
     /// guidance (one forward pass per step); needs a model trained with a null class.
     pub guidance: f64,
+    /// Compute only images `part` of the `n` (`None`: all of them), with the same noise, and so
+    /// the same pixels, as those images of the whole run: one run split across workers.
+    pub part: Option<Range<usize>>,
+}
+
+impl GenerateOptions {
+    /// The images this run computes (`part`, or all `n`), checked against `n`.
+    fn images(&self) -> Result<Range<usize>> {
+        check_count(self.n)?;
+        match &self.part {
+            None => Ok(0..self.n),
+            Some(part) if part.start < part.end && part.end <= self.n => Ok(part.clone()),
+            Some(part) => Err(Error::InvalidInput(format!(
+                "images {}..{} are not a part of a run of {} images (give a non-empty range \
+                 within 0..{})",
+                part.start, part.end, self.n, self.n
+            ))),
+        }
+    }
+
+    /// `noise` as this run draws it: whole-run draws cut down to `part`.
+    fn part_noise<'a>(
+        &self,
+        noise: Box<dyn NoiseSource + 'a>,
+        images: &Range<usize>,
+    ) -> Box<dyn NoiseSource + 'a> {
+        if images.len() == self.n {
+            noise
+        } else {
+            Box::new(PartNoise {
+                inner: noise,
+                n: self.n,
+                images: images.clone(),
+            })
+        }
+    }
+}
+
+/// Draws noise for a whole run of `n` images and keeps `images` of it, so that a part of a run
+/// sees the same numbers as the whole run does for those images.
+struct PartNoise<'a> {
+    inner: Box<dyn NoiseSource + 'a>,
+    n: usize,
+    images: Range<usize>,
+}
+
+impl NoiseSource for PartNoise<'_> {
+    fn gaussian(&mut self, shape: [usize; 4], device: &Device) -> Tensor<4> {
+        let [b, c, h, w] = shape;
+        if b != self.images.len() {
+            return self.inner.gaussian(shape, device);
+        }
+        self.inner
+            .gaussian([self.n, c, h, w], device)
+            .narrow(0, self.images.start, b)
+    }
 }
 
 impl Default for GenerateOptions {
@@ -43,6 +101,7 @@ impl Default for GenerateOptions {
             seed: 0,
             class: None,
             guidance: 1.0,
+            part: None,
         }
     }
 }
@@ -103,13 +162,13 @@ impl<'a> Generation<'a> {
         options: &GenerateOptions,
         device: &Device,
     ) -> Result<Self> {
-        check_count(options.n)?;
+        let images = options.images()?;
         let s = info.unet.sample_size;
-        let shape = [options.n, info.unet.in_channels, s, s];
-        let mut noise = SeededNoise::new(options.seed);
+        let shape = [images.len(), info.unet.in_channels, s, s];
+        let mut noise = options.part_noise(Box::new(SeededNoise::new(options.seed)), &images);
         let x_t = noise.gaussian(shape, device); // x_T ~ N(0, I)
         let plan = Plan::Sample { sampler, start: 0 };
-        Self::build(model, info, plan, options, x_t, Box::new(noise), device)
+        Self::build(model, info, plan, options, x_t, noise, device)
     }
 
     /// Start from a given x_T (`options.n` is taken from its batch size); later noise draws
@@ -127,6 +186,7 @@ impl<'a> Generation<'a> {
         info.unet.check_input(dims)?;
         let options = GenerateOptions {
             n: dims[0],
+            part: None,
             ..options.clone()
         };
         // Skip the values x_T would have used so that a file holding the seed's own x_T
@@ -152,7 +212,7 @@ impl<'a> Generation<'a> {
         seeds: (u64, u64),
         device: &Device,
     ) -> Result<Self> {
-        check_count(options.n)?;
+        let images = options.images()?;
         if options.n < 2 {
             return Err(Error::InvalidInput(format!(
                 "an interpolation needs at least 2 images (from one seed to the other), got {}",
@@ -170,11 +230,11 @@ impl<'a> Generation<'a> {
         let len: usize = one.iter().product();
         let a = SeededNoise::new(seeds.0).sample_vec(len);
         let b = SeededNoise::new(seeds.1).sample_vec(len);
-        let path = slerp_path(&a, &b, options.n);
-        let x_t = Tensor::from_data(TensorData::new(path, [options.n, one[1], s, s]), device);
+        let path = slerp_path(&a, &b, options.n)[images.start * len..images.end * len].to_vec();
+        let x_t = Tensor::from_data(TensorData::new(path, [images.len(), one[1], s, s]), device);
         let plan = Plan::Sample { sampler, start: 0 };
-        let noise = SeededNoise::new(options.seed);
-        let mut generation = Self::build(model, info, plan, options, x_t, Box::new(noise), device)?;
+        let noise = options.part_noise(Box::new(SeededNoise::new(options.seed)), &images);
+        let mut generation = Self::build(model, info, plan, options, x_t, noise, device)?;
         // One image per UNet call, as in each seed's own run, so that the ends match it bit
         // for bit on the CPU.
         generation.per_image = true;
@@ -215,16 +275,17 @@ impl<'a> Generation<'a> {
         options: &GenerateOptions,
         image: Tensor<4>,
         strength: f64,
-        mut noise: Box<dyn NoiseSource + 'a>,
+        noise: Box<dyn NoiseSource + 'a>,
         device: &Device,
     ) -> Result<Self> {
-        check_count(options.n)?;
-        let image = batch_of(image, options.n, info, "image")?;
+        let images = options.images()?;
+        let image = part_of(batch_of(image, options.n, info, "image")?, &images);
         let start = img2img_start(sampler.timesteps().len(), strength)?;
         let t0 = sampler.timesteps()[start];
         let schedule = NoiseSchedule::new(&info.schedule)?;
+        let mut noise = options.part_noise(noise, &images);
         let eps = noise.gaussian(image.dims(), device);
-        let x_t0 = q_sample(&schedule, image, eps, &vec![t0; options.n]);
+        let x_t0 = q_sample(&schedule, image, eps, &vec![t0; images.len()]);
         let plan = Plan::Sample { sampler, start };
         Self::build(model, info, plan, options, x_t0, noise, device)
     }
@@ -257,11 +318,11 @@ impl<'a> Generation<'a> {
         options: &GenerateOptions,
         image: Tensor<4>,
         mask: Tensor<4>,
-        mut noise: Box<dyn NoiseSource + 'a>,
+        noise: Box<dyn NoiseSource + 'a>,
         device: &Device,
     ) -> Result<Self> {
-        check_count(options.n)?;
-        let known = batch_of(image, options.n, info, "image")?;
+        let images = options.images()?;
+        let known = part_of(batch_of(image, options.n, info, "image")?, &images);
         let [_, c, s, _] = known.dims();
         let [mn, mc, mh, mw] = mask.dims();
         if !(mn == 1 || mn == options.n) || !(mc == 1 || mc == c) || mh != s || mw != s {
@@ -270,7 +331,13 @@ impl<'a> Generation<'a> {
                  with 1 or {c} channels"
             )));
         }
+        let mask = if mn == options.n {
+            part_of(mask, &images)
+        } else {
+            mask
+        };
         let keep = mask.neg().add_scalar(1.0).clamp(0.0, 1.0); // 1 = keep the known pixel
+        let mut noise = options.part_noise(noise, &images);
         let x_t = noise.gaussian(known.dims(), device); // x_T ~ N(0, I)
         let plan = Plan::Inpaint(Box::new(Inpainting {
             repaint,
@@ -289,7 +356,7 @@ impl<'a> Generation<'a> {
         noise: Box<dyn NoiseSource + 'a>,
         device: &Device,
     ) -> Result<Self> {
-        let n = options.n;
+        let n = sample.dims()[0];
         if !options.guidance.is_finite() || options.guidance < 0.0 {
             return Err(Error::InvalidInput(format!(
                 "guidance scale ({}) must be a finite number ≥ 0",
@@ -477,6 +544,15 @@ fn batch_of(image: Tensor<4>, n: usize, info: &ModelInfo, what: &str) -> Result<
         b => Err(Error::InvalidInput(format!(
             "{what}: a batch of {b} for {n} images (give 1 or {n})"
         ))),
+    }
+}
+
+/// Images `images` of a whole-run batch.
+fn part_of(batch: Tensor<4>, images: &Range<usize>) -> Tensor<4> {
+    if images.len() == batch.dims()[0] {
+        batch
+    } else {
+        batch.narrow(0, images.start, images.len())
     }
 }
 

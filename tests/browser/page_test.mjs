@@ -14,18 +14,26 @@
 //     run natively on the same picture and mask (written out as PNGs) within 1e-3, and the
 //     module's interpolate equals `ddpm sample --interpolate`. An empty mask
 //     returns the image with a note; a file that is not a picture is refused on the page.
-import { createServer } from "node:http";
+//  5. Workers: sampling runs off the main thread (no main-thread task over 50 ms during a
+//     20-step run: PerformanceObserver "longtask", and the longest gap between timer ticks);
+//     1 and 2 workers give the same pixels; a worker that dies mid-run rejects the run and the
+//     next run works; where a Content-Security-Policy forbids workers the page samples on the
+//     main thread and says so.
+//  6. Firefox ESR (WebDriver BiDi): the CPU fallback (or WebGPU where it has it) equals the
+//     native samples, stays responsive, refuses a corrupt file and cancels.
 import { execFileSync } from "node:child_process";
-import { readFileSync, mkdtempSync, writeFileSync, existsSync } from "node:fs";
-import { extname, join, resolve } from "node:path";
+import { readFileSync, mkdtempSync, writeFileSync } from "node:fs";
+import { join, resolve } from "node:path";
 import { tmpdir } from "node:os";
 import puppeteer from "puppeteer-core";
 import { encodePng } from "./png.mjs";
+import { chromiumArgs, serve } from "./serve.mjs";
 
 const [distArg, npyPath, settingsPath] = process.argv.slice(2);
 const dist = resolve(distArg ?? "dist");
 const settings = JSON.parse(readFileSync(settingsPath, "utf8"));
 const chromium = process.env.CHROMIUM ?? "/usr/bin/chromium";
+const firefox = process.env.FIREFOX ?? "/usr/bin/firefox-esr";
 const TIMEOUT = 600_000;
 
 function readNpy(path) {
@@ -42,19 +50,8 @@ const ddpm = process.env.DDPM ?? "target/debug/ddpm";
 const model = process.env.DDPM_MODEL ?? "web/assets/fashion-mnist.safetensors";
 const work = mkdtempSync(join(tmpdir(), "ddpm-edit-"));
 
-const types = { ".html": "text/html", ".js": "text/javascript", ".wasm": "application/wasm", ".css": "text/css" };
-const server = createServer((req, res) => {
-  const path = join(dist, decodeURIComponent(new URL(req.url, "http://x").pathname));
-  const file = path.endsWith("/") ? join(path, "index.html") : path;
-  if (!file.startsWith(dist) || !existsSync(file)) {
-    res.writeHead(404).end("not found");
-    return;
-  }
-  res.writeHead(200, { "content-type": types[extname(file)] ?? "application/octet-stream" });
-  res.end(readFileSync(file));
-});
-await new Promise((ok) => server.listen(0, "127.0.0.1", ok));
-const url = `http://127.0.0.1:${server.address().port}/`;
+const server = await serve(dist);
+const url = server.url;
 
 let failures = 0;
 function check(condition, message) {
@@ -62,15 +59,14 @@ function check(condition, message) {
   if (!condition) failures += 1;
 }
 
-async function launch(webgpu) {
-  const args = [
-    "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-    `--user-data-dir=${mkdtempSync(join(tmpdir(), "ddpm-chromium-"))}`,
-  ];
-  // Without --enable-unsafe-webgpu, Chromium on Linux offers no WebGPU adapter.
-  if (webgpu) args.push("--enable-unsafe-webgpu");
-  const browser = await puppeteer.launch({ executablePath: chromium, args, protocolTimeout: TIMEOUT });
+async function launch(webgpu, kind = "chromium", query = "") {
+  let browser;
+  if (kind === "firefox") {
+    browser = await puppeteer.launch({ browser: "firefox", executablePath: firefox, headless: true, protocolTimeout: TIMEOUT });
+  } else {
+    const args = chromiumArgs(mkdtempSync(join(tmpdir(), "ddpm-chromium-")), webgpu);
+    browser = await puppeteer.launch({ executablePath: chromium, args, protocolTimeout: TIMEOUT });
+  }
   const page = await browser.newPage();
   page.setDefaultTimeout(TIMEOUT);
   page.on("console", (m) => {
@@ -78,7 +74,7 @@ async function launch(webgpu) {
   });
   page.on("pageerror", (e) => console.log(`  [page exception] ${e.message}`));
   const start = Date.now();
-  await page.goto(url);
+  await page.goto(url + query);
   await page.waitForFunction(() => window.ddpmPage?.ready, { timeout: TIMEOUT });
   console.log(`  page and model loaded in ${Date.now() - start} ms`);
   return { browser, page, loadMs: Date.now() - start };
@@ -261,12 +257,143 @@ async function editsMatchNative(page, label) {
   check(uploaded.every((v, i) => v === picked[i]), `${label}: an uploaded PNG becomes the image to edit`);
 }
 
+// Generate with the page's own defaults except 20 steps, watching the main thread: long tasks
+// (PerformanceObserver "longtask", Chromium: tasks over 50 ms) and the longest gap between the
+// ticks of a 10 ms timer (both browsers). Returns the worst task and gap in ms.
+async function responsive(page, label) {
+  await page.evaluate(() => {
+    const watch = { tasks: [], gap: 0, on: true };
+    window.ddpmWatch = watch;
+    if (PerformanceObserver.supportedEntryTypes?.includes("longtask")) {
+      watch.observer = new PerformanceObserver((list) => { for (const e of list.getEntries()) watch.tasks.push(e.duration); });
+      watch.observer.observe({ type: "longtask" });
+    } else {
+      watch.tasks = null;
+    }
+    let last = performance.now();
+    const tick = () => {
+      const now = performance.now();
+      watch.gap = Math.max(watch.gap, now - last - 10);
+      last = now;
+      if (watch.on) setTimeout(tick, 10);
+    };
+    setTimeout(tick, 10);
+  });
+  await setInputs(page, { steps: 20, n: 16, guidance: 2, sampler: "ddim", every: 1, seed: 1 });
+  const { last, error, ms } = await generate(page);
+  const watch = await page.evaluate(() => {
+    const w = window.ddpmWatch;
+    w.on = false;
+    w.observer?.disconnect();
+    return { tasks: w.tasks, gap: w.gap, first: window.ddpmPage.firstStepMs };
+  });
+  check(last && !error, `${label}: the page's default grid at 20 steps finished (${ms} ms, first preview after ${watch.first?.toFixed(0)} ms)${error ? `: ${error}` : ""}`);
+  const worst = watch.tasks === null ? null : Math.max(0, ...watch.tasks);
+  if (watch.tasks !== null) {
+    check(watch.tasks.length === 0, `${label}: no main-thread task over 50 ms while sampling (${watch.tasks.length} long tasks, longest ${worst.toFixed(0)} ms)`);
+  }
+  check(watch.gap <= 50, `${label}: the main thread answered a 10 ms timer within 50 ms throughout (longest gap ${watch.gap.toFixed(0)} ms)`);
+}
+
+// The same seed gives the same pixels with 1 and with 2 workers (ancestral DDPM with guidance,
+// so that every step draws fresh noise for each image).
+async function workersAgree(page) {
+  const outs = await page.evaluate(async () => {
+    const { Diffusion } = await import("./ddpm.js");
+    const options = { n: 5, steps: 4, sampler: "ddpm", seed: 5, classLabel: 0, guidance: 2 };
+    const outs = [];
+    for (const workers of [1, 2]) {
+      const d = await Diffusion.load(window.ddpmPage.bytes, "cpu", { workers });
+      const out = await d.sample(options);
+      outs.push({ workers: d.workers, note: d.backendNote(), pixels: Array.from(out.pixels) });
+      d.free();
+    }
+    return outs;
+  });
+  const diff = maxDiff(outs[0].pixels, outs[1].pixels);
+  check(outs[0].workers === 1 && outs[1].workers === 2 && diff === 0,
+    `1 and 2 workers give the same pixels (max |diff| ${diff}; "${outs[1].note}")`);
+}
+
+// A worker that dies mid-run: the run rejects with a readable Error, and the next run works.
+async function workerDies(page) {
+  const result = await page.evaluate(async () => {
+    const { Diffusion } = await import("./ddpm.js");
+    const made = [];
+    const Real = window.Worker;
+    window.Worker = class extends Real {
+      constructor(...args) {
+        super(...args);
+        made.push(this);
+      }
+    };
+    let d;
+    try {
+      d = await Diffusion.load(window.ddpmPage.bytes, "cpu", { workers: 2 });
+    } finally {
+      window.Worker = Real;
+    }
+    let message = "resolved";
+    try {
+      // A message the worker does not understand makes it throw: its `error` event, as a crash.
+      await d.sample({ n: 4, steps: 1000, sampler: "ddpm", classLabel: 0,
+        onStep: ({ step }) => { if (step === 1) made[1].postMessage({ type: "crash" }); } });
+    } catch (e) {
+      message = e instanceof Error ? e.message : `not an Error: ${e}`;
+    }
+    const next = await d.sample({ n: 4, steps: 2, classLabel: 0 }).then((o) => `${o.n} images`, (e) => e.message);
+    d.free();
+    return { message, next, made: made.length };
+  });
+  check(/a sampling worker stopped/.test(result.message) && result.next === "4 images",
+    `a worker that dies mid-run rejects the run ("${result.message}"), and the next run works (${result.next})`);
+}
+
+// Where the page's Content-Security-Policy forbids workers, it samples on the main thread.
+async function withoutWorkers(browser) {
+  const page = await browser.newPage();
+  page.setDefaultTimeout(TIMEOUT);
+  await page.goto(`${url}?csp`);
+  await page.waitForFunction(() => window.ddpmPage?.ready, { timeout: TIMEOUT });
+  const text = await page.evaluate(() => document.getElementById("model").textContent);
+  check(/on the main thread \(Web Workers could not start\)/.test(text), `with workers forbidden by the CSP the page says so ("${text}")`);
+  await sameAsNative(page, "cpu on the main thread");
+  await page.close();
+}
+
+// A truncated model file: a message on the page, and the previous model keeps working.
+async function corruptFile(page, label) {
+  const bad = join(mkdtempSync(join(tmpdir(), "ddpm-bad-")), "broken.safetensors");
+  writeFileSync(bad, readFileSync(join(dist, "fashion-mnist.safetensors")).subarray(0, 5000));
+  await page.evaluate(() => { window.ddpmPage.error = ""; });
+  const input = await page.$("#file");
+  await input.uploadFile(bad);
+  await page.waitForFunction(() => window.ddpmPage.error, { timeout: 60_000 });
+  const error = await page.evaluate(() => window.ddpmPage.error);
+  check(/Could not load broken\.safetensors: invalid model file/.test(error) && /Still using/.test(error),
+    `${label}: a truncated model file gives a message ("${error.replace(/\n/g, " / ")}")`);
+  await sameAsNative(page, `${label} after the bad file`);
+}
+
+// Cancel a long run.
+async function cancelRun(page, label) {
+  await setInputs(page, { ...settings.inputs, steps: 1000, sampler: "ddpm" });
+  await page.evaluate(() => { window.ddpmPage.error = ""; });
+  await page.click("#generate");
+  await page.waitForFunction(() => /step [1-9]/.test(document.getElementById("status").textContent), { timeout: TIMEOUT });
+  await page.click("#cancel");
+  await page.waitForFunction(() => !window.ddpmPage.running, { timeout: 60_000 });
+  const status = await page.evaluate(() => [document.getElementById("status").textContent, window.ddpmPage.error]);
+  check(status[0] === "cancelled" && !status[1], `${label}: a run can be cancelled (status "${status[0]}")`);
+}
+
 try {
   // 1. WebGPU.
   {
     const { browser, page } = await launch(true);
     const backend = await page.evaluate(() => window.ddpmPage.model?.backend());
-    check(backend === "webgpu", `WebGPU page runs on webgpu (got ${backend})`);
+    const note = await page.evaluate(() => window.ddpmPage.model?.backendNote());
+    check(backend === "webgpu" && /in a worker/.test(note), `WebGPU page runs on webgpu, in a worker (got ${backend}: "${note}")`);
     await sameAsNative(page, "webgpu");
     await editsMatchNative(page, "webgpu");
     await browser.close();
@@ -302,16 +429,7 @@ try {
     check(/9000×2 pixels: each side must be 1 to 8192/.test(refusals.huge), `a 9000-pixel picture is refused ("${refusals.huge}")`);
     check(/two seeds/.test(refusals.seeds) && /two seeds/.test(refusals.same), `interpolation needs two different seeds ("${refusals.seeds}"; "${refusals.same}")`);
 
-    // A corrupt model file: a message, and the previous model still works.
-    const bad = join(mkdtempSync(join(tmpdir(), "ddpm-bad-")), "broken.safetensors");
-    writeFileSync(bad, readFileSync(join(dist, "fashion-mnist.safetensors")).subarray(0, 5000));
-    const input = await page.$("#file");
-    await input.uploadFile(bad);
-    await page.waitForFunction(() => window.ddpmPage.error, { timeout: 60_000 });
-    const error = await page.evaluate(() => window.ddpmPage.error);
-    check(/Could not load broken\.safetensors: invalid model file/.test(error) && /Still using/.test(error),
-      `a truncated model file gives a message ("${error.replace(/\n/g, " / ")}")`);
-    await sameAsNative(page, "cpu after the bad file");
+    await corruptFile(page, "cpu");
 
     // Out-of-range settings.
     await setInputs(page, { ...settings.inputs, n: 0 });
@@ -321,15 +439,13 @@ try {
     const many = await generate(page);
     check(/steps = 5000: choose 1 to 1000/.test(many.error), `steps = 5000 is refused ("${many.error}")`);
 
-    // Cancel a long run.
-    await setInputs(page, { ...settings.inputs, steps: 1000, sampler: "ddpm" });
-    await page.evaluate(() => { window.ddpmPage.error = ""; });
-    await page.click("#generate");
-    await page.waitForFunction(() => /step [1-9]/.test(document.getElementById("status").textContent), { timeout: TIMEOUT });
-    await page.click("#cancel");
-    await page.waitForFunction(() => !window.ddpmPage.running, { timeout: 60_000 });
-    const status = await page.evaluate(() => [document.getElementById("status").textContent, window.ddpmPage.error]);
-    check(status[0] === "cancelled" && !status[1], `a run can be cancelled (status "${status[0]}")`);
+    await cancelRun(page, "cpu");
+
+    // Off the main thread, on every core.
+    await responsive(page, "cpu");
+    await workersAgree(page);
+    await workerDies(page);
+    await withoutWorkers(browser);
 
     // The embedding example for editing (examples/edit.html) runs to its end without errors.
     const errors = [];
@@ -338,6 +454,17 @@ try {
     await page.waitForFunction(() => window.ddpmEditDone, { timeout: TIMEOUT, polling: 500 });
     const log = await page.evaluate(() => document.getElementById("log").textContent);
     check(errors.length === 0 && /inpainting/.test(log), `examples/edit.html runs ("${log}")`);
+    await browser.close();
+  }
+  // 3. Firefox ESR.
+  {
+    const { browser, page } = await launch(false, "firefox");
+    const [backend, note] = await page.evaluate(() => [window.ddpmPage.model?.backend(), document.getElementById("model").textContent]);
+    check(backend === "cpu" || backend === "webgpu", `Firefox loads the bundled model ("${note}")`);
+    await sameAsNative(page, `firefox ${backend}`);
+    await responsive(page, "firefox");
+    await corruptFile(page, "firefox");
+    await cancelRun(page, "firefox");
     await browser.close();
   }
 } finally {

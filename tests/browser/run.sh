@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The browser test: a native reference sample from the bundled model, then the built page in
-# headless Chromium (tests/browser/page_test.mjs). Needs `trunk build --release` output in dist/,
-# target/debug/ddpm, node_modules (npm ci) and /usr/bin/chromium.
+# headless Chromium and Firefox ESR (tests/browser/page_test.mjs), then the npm package bundled
+# into an embedder's page (tests/browser/package_test.mjs). Needs `trunk build --release` output
+# in dist/, target/debug/ddpm, node_modules (npm ci), /usr/bin/chromium and /usr/bin/firefox-esr.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 work="$(mktemp -d)"
@@ -14,3 +15,5 @@ JSON
 target/debug/ddpm sample --model web/assets/fashion-mnist.safetensors --sampler ddim --steps 4 \
   --seed 3 --n 4 --class 0 --guidance 2 --backend cpu --format npy --out "$work/native.npy"
 node tests/browser/page_test.mjs dist "$work/native.npy" "$work/settings.json"
+scripts/package.sh
+node tests/browser/package_test.mjs pkg "$work/native.npy" "$work/settings.json" dist/fashion-mnist.safetensors

@@ -141,6 +141,7 @@ fn repaint_matches_diffusers() {
             seed: 0,
             class: case.class_label,
             guidance: case.guidance.unwrap_or(1.0),
+            part: None,
         };
         let draws = Cell::new(0);
         let noise = Box::new(FormulaNoise { draws: &draws });
@@ -242,5 +243,128 @@ fn interpolation_ends_are_the_two_seeded_runs() {
             .unwrap_err()
             .to_string();
         assert!(e.contains("two seeds") || e.contains("at least 2"), "{e}");
+    }
+}
+
+/// Images `1..3` of a 4-image run, computed alone (`GenerateOptions::part`, as one worker of a
+/// split run in the browser computes them), are those images of the whole run, bit for bit: for
+/// plain ancestral sampling (fresh noise every step), image-to-image, RePaint and an
+/// interpolation, and with guidance.
+#[test]
+fn a_part_of_a_run_is_those_images_of_the_whole_run() {
+    let device = Device::flex();
+    let fixtures = read_fixture("edit/edit.safetensors");
+    let image: Tensor<4> = tensor(&fixtures, "img2img/image", &device);
+    for (unet, class, guidance) in [("gray28", None, 1.0), ("rgb16_class", Some(1), 2.0)] {
+        let (model, info) = import(unet, &device);
+        assert!(
+            guidance == 1.0 || info.null_class().is_some(),
+            "{unet}: the fixture has no null class for guidance"
+        );
+        let schedule = NoiseSchedule::new(&info.schedule).unwrap();
+        let sampler = |kind| {
+            build_sampler(
+                kind,
+                &schedule,
+                info.prediction,
+                4,
+                &SamplerOptions::default(),
+            )
+            .unwrap()
+        };
+        let options = |part| GenerateOptions {
+            n: 4,
+            seed: 11,
+            class,
+            guidance,
+            part,
+        };
+        let s = info.unet.sample_size;
+        let c = info.unet.in_channels;
+        let picture = Tensor::<4>::zeros([1, c, s, s], &device).add_scalar(0.25);
+        let mut mask_values = vec![0.0f32; s * s];
+        mask_values[..s * s / 2].fill(1.0);
+        let mask = Tensor::<4>::from_data(TensorData::new(mask_values, [1, 1, s, s]), &device);
+        let repaint = || {
+            let options = RePaintOptions {
+                steps: 4,
+                jump_length: 2,
+                jump_n_sample: 2,
+                eta: 1.0,
+                clip_sample: true,
+            };
+            RePaint::new(&schedule, info.prediction, &options).unwrap()
+        };
+        let run = |part: Option<std::ops::Range<usize>>, task: &str| {
+            let o = options(part);
+            let generation = match task {
+                "sample" => Generation::new(&model, &info, sampler(SamplerKind::Ddpm), &o, &device),
+                "img2img" => Generation::img2img(
+                    &model,
+                    &info,
+                    sampler(SamplerKind::Ddpm),
+                    &o,
+                    if unet == "gray28" {
+                        image.clone()
+                    } else {
+                        picture.clone()
+                    },
+                    0.7,
+                    &device,
+                ),
+                "inpaint" => Generation::inpaint(
+                    &model,
+                    &info,
+                    repaint(),
+                    &o,
+                    picture.clone(),
+                    mask.clone(),
+                    &device,
+                ),
+                _ => Generation::interpolate(
+                    &model,
+                    &info,
+                    sampler(SamplerKind::Ddim),
+                    &o,
+                    (3, 7),
+                    &device,
+                ),
+            };
+            generation.unwrap().run()
+        };
+        for task in ["sample", "img2img", "inpaint", "interpolate"] {
+            let whole = run(None, task);
+            let part = run(Some(1..3), task);
+            assert_eq!(part.dims()[0], 2, "{unet} {task}");
+            let diff = max_abs_diff(part, whole.clone().narrow(0, 1, 2));
+            assert_eq!(
+                diff, 0.0,
+                "{unet} {task}: the part differs from the whole run"
+            );
+            // And the part is not trivially the start of the run.
+            assert!(max_abs_diff(whole.clone().narrow(0, 0, 2), whole.narrow(0, 1, 2)) > 1e-3);
+        }
+    }
+    // Parts outside the run, or empty, are refused with the run's size named.
+    let (model, info) = import("gray28", &device);
+    let schedule = NoiseSchedule::new(&info.schedule).unwrap();
+    for part in [3..5, 2..2] {
+        let sampler = build_sampler(
+            SamplerKind::Ddim,
+            &schedule,
+            info.prediction,
+            4,
+            &SamplerOptions::default(),
+        )
+        .unwrap();
+        let options = GenerateOptions {
+            n: 4,
+            part: Some(part),
+            ..GenerateOptions::default()
+        };
+        let e = Generation::new(&model, &info, sampler, &options, &device)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a part of a run of 4 images"), "{e}");
     }
 }

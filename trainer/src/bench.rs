@@ -417,6 +417,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
                 seed: 0,
                 class: (classes > 0).then_some(0),
                 guidance: 1.0,
+                part: None,
             };
             let sampler = || ddim(&schedule, &info, args.sample_steps);
             sampler()?;

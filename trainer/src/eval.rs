@@ -430,6 +430,7 @@ fn generate(
             seed: args.seed.wrapping_add(batch_index),
             class,
             guidance: args.guidance,
+            part: None,
         };
         let sampler = build_sampler(
             args.sampler,

@@ -222,6 +222,7 @@ impl Loaded {
             seed: args.seed,
             class: self.class,
             guidance: args.guidance,
+            part: None,
         }
     }
 

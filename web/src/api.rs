@@ -46,6 +46,8 @@ export interface SampleOptions {
   onStep?: (progress: StepProgress) => boolean | void;
   /** Cancels the run when aborted. */
   signal?: AbortSignal;
+  /** Compute only images start..end of the `n` (the same pixels as in the whole run). */
+  imageRange?: [number, number];
 }
 
 /** An RGBA picture, such as an `ImageData` or a canvas's `getImageData()`. */
@@ -77,6 +79,7 @@ export interface InpaintOptions {
   every?: number;
   onStep?: (progress: StepProgress) => boolean | void;
   signal?: AbortSignal;
+  imageRange?: [number, number];
 }
 
 export interface Img2ImgOptions extends SampleOptions {
@@ -392,16 +395,8 @@ impl Diffusion {
         &self,
         #[wasm_bindgen(unchecked_param_type = "Picture")] picture: JsValue,
     ) -> Result<Object, JsValue> {
-        let inner = &self.inner;
-        let fitted = fit(inner, &read_picture(&picture, "picture")?, "picture")?;
-        let (s, c) = (inner.info.unet.sample_size, inner.info.unet.in_channels);
-        let out = Object::new();
-        set(&out, "rgba", rgba_array(&fitted.values, [1, c, s, s]));
-        set(&out, "size", s as f64);
-        if let Some(note) = fitted.note {
-            set(&out, "note", note);
-        }
-        Ok(out)
+        let unet = &self.inner.info.unet;
+        fit_picture(picture, unet.sample_size, unet.in_channels)
     }
 
     /// Regenerate the white part of `mask` over `image` and keep the rest (RePaint). Resolves
@@ -435,6 +430,31 @@ impl Diffusion {
         let inner = self.inner.clone();
         future_to_promise(async move { interpolate(&inner, options).await.map(JsValue::from) })
     }
+}
+
+/// `picture` fitted to a model of `size`×`size` pixels and `channels` channels, as
+/// `Diffusion.fitImage` fits it: `{ rgba, size, note }`. For pages whose model lives in a Web
+/// Worker (`ddpm.js`), which fit pictures on the main thread.
+#[wasm_bindgen(js_name = fitPicture, unchecked_return_type = "{ rgba: Uint8ClampedArray; size: number; note?: string }")]
+pub fn fit_picture(
+    #[wasm_bindgen(unchecked_param_type = "Picture")] picture: JsValue,
+    size: usize,
+    channels: usize,
+) -> Result<Object, JsValue> {
+    let picture = read_picture(&picture, "picture")?;
+    let fitted = edit::fit_image(&picture.rgba, picture.width, picture.height, size, channels)
+        .map_err(|e| js_err(format!("`picture`: {e}")))?;
+    let out = Object::new();
+    set(
+        &out,
+        "rgba",
+        rgba_array(&fitted.values, [1, channels, size, size]),
+    );
+    set(&out, "size", size as f64);
+    if let Some(note) = fitted.note {
+        set(&out, "note", note);
+    }
+    Ok(out)
 }
 
 struct Parsed {
@@ -537,10 +557,50 @@ fn parse(inner: &Inner, options: &JsValue, default_n: usize) -> Result<Parsed, J
             seed,
             class,
             guidance,
+            part: image_range(options, n)?,
         },
         on_step,
         signal: get(options, "signal")?,
     })
+}
+
+/// The option `imageRange`, `[start, end]`: compute only images start..end of the `n` (the same
+/// pixels as in the whole run), as each worker of a split run does.
+fn image_range(options: &JsValue, n: usize) -> Result<Option<std::ops::Range<usize>>, JsValue> {
+    let Some(value) = get(options, "imageRange")? else {
+        return Ok(None);
+    };
+    let bad = || {
+        js_err(format!(
+            "option `imageRange` must be [start, end] with 0 ≤ start < end ≤ n ({n})"
+        ))
+    };
+    let pair = Array::is_array(&value)
+        .then(|| Array::from(&value))
+        .filter(|a| a.length() == 2)
+        .ok_or_else(bad)?;
+    let at = |i: u32| {
+        pair.get(i)
+            .as_f64()
+            .filter(|v| *v >= 0.0 && v.fract() == 0.0)
+            .map(|v| v as usize)
+            .ok_or_else(bad)
+    };
+    let (start, end) = (at(0)?, at(1)?);
+    if start >= end || end > n {
+        return Err(bad());
+    }
+    Ok(Some(start..end))
+}
+
+impl Parsed {
+    /// Images this call computes: its `imageRange`, or all `n`.
+    fn count(&self) -> usize {
+        self.generate
+            .part
+            .as_ref()
+            .map_or(self.generate.n, |part| part.len())
+    }
 }
 
 fn cancelled(signal: &Option<JsValue>) -> bool {
@@ -698,10 +758,10 @@ async fn inpaint(inner: &Inner, options: JsValue) -> Result<Object, JsValue> {
         MaskCover::Nothing => {
             notes
                 .push("the mask has nothing to regenerate: the image is returned unchanged".into());
-            let images = image.repeat_dim(0, p.generate.n);
+            let images = image.repeat_dim(0, p.count());
             let values = read_back(&images).await?;
             let note = Some(notes.join("; "));
-            return Ok(result(inner, &values, p.generate.n, 0.0, note));
+            return Ok(result(inner, &values, p.count(), 0.0, note));
         }
         MaskCover::Everything => notes.push(
             "the mask covers the whole image: nothing is kept, this is plain sampling".into(),
@@ -762,7 +822,7 @@ async fn drive(
     let info = &inner.info;
     let total = generation.total_steps();
     let (s, c) = (info.unet.sample_size, info.unet.in_channels);
-    let shape = [p.generate.n, c, s, s];
+    let shape = [p.count(), c, s, s];
     let start = now_ms();
     while generation.step() {
         let done = generation.steps_done();
@@ -774,7 +834,7 @@ async fn drive(
             set(&progress, "step", done as f64);
             set(&progress, "total", total as f64);
             set(&progress, "msPerStep", (now_ms() - start) / done as f64);
-            set(&progress, "n", p.generate.n as f64);
+            set(&progress, "n", p.count() as f64);
             set(&progress, "size", s as f64);
             set(&progress, "rgba", rgba_array(&values, shape));
             let answer = callback.call1(&JsValue::NULL, &progress)?;
@@ -789,7 +849,7 @@ async fn drive(
     }
     let values = read_back(generation.sample()).await?;
     let ms_per_step = (now_ms() - start) / total.max(1) as f64;
-    Ok(result(inner, &values, p.generate.n, ms_per_step, note))
+    Ok(result(inner, &values, p.count(), ms_per_step, note))
 }
 
 /// The object a run resolves to (`Samples` in the TypeScript types).

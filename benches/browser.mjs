@@ -1,0 +1,104 @@
+// The CPU fallback in the browser against the native binary, from one run on one machine:
+//
+//   node benches/browser.mjs [dist] [--ddpm target/debug/ddpm] [--steps 10] [--json out.json]
+//
+// Headless Chromium without WebGPU samples the bundled model (DDIM) at n = 4 with guidance 2 and
+// at n = 16 without, on 1 worker and on one worker per core; the median milliseconds per step
+// come from the times between onStep calls (previews on, as on the page). Then `ddpm bench`
+// times the same forwards natively (an 8- and a 16-image batch, the same model file) on 1 thread
+// and on all threads. Prints both and their ratios. Needs `trunk build --release` output in
+// dist/ and a built `ddpm`.
+import { execFileSync } from "node:child_process";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { cpus, tmpdir } from "node:os";
+import { join } from "node:path";
+import puppeteer from "puppeteer-core";
+import { chromiumArgs, serve } from "../tests/browser/serve.mjs";
+
+const args = process.argv.slice(2);
+const flag = (name, fallback) => {
+  const i = args.indexOf(name);
+  return i >= 0 ? args.splice(i, 2)[1] : fallback;
+};
+const ddpm = flag("--ddpm", "target/debug/ddpm");
+const steps = Number(flag("--steps", "10"));
+const jsonOut = flag("--json", null);
+const dist = args[0] ?? "dist";
+const model = join(dist, "fashion-mnist.safetensors");
+const cores = cpus().length;
+
+const median = (xs) => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+};
+
+// Browser side.
+const server = await serve(dist);
+const browser = await puppeteer.launch({
+  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+  args: chromiumArgs(mkdtempSync(join(tmpdir(), "ddpm-bench-")), false),
+  protocolTimeout: 600_000,
+});
+const cases = [
+  { name: "n = 4, guidance 2", n: 4, guidance: 2, batch: 8 },
+  { name: "n = 16", n: 16, guidance: 1, batch: 16 },
+];
+const browserMs = {};
+try {
+  const page = await browser.newPage();
+  page.setDefaultTimeout(600_000);
+  await page.goto(server.url);
+  await page.waitForFunction(() => window.ddpmPage?.ready);
+  for (const workers of [1, cores]) {
+    for (const c of cases) {
+      const times = await page.evaluate(async (c, workers, steps) => {
+        const { Diffusion } = await import("./ddpm.js");
+        const d = await Diffusion.load(window.ddpmPage.bytes, "cpu", { workers });
+        const options = { n: c.n, guidance: c.guidance, classLabel: 0, sampler: "ddim", seed: 1 };
+        await d.sample({ ...options, steps: 2 }); // warm-up
+        const stamps = [performance.now()];
+        await d.sample({ ...options, steps, onStep: () => { stamps.push(performance.now()); } });
+        d.free();
+        return stamps.slice(1).map((t, i) => t - stamps[i]);
+      }, c, workers, steps);
+      // The first interval includes the run's start (messages to the workers).
+      browserMs[`${c.batch}/${workers}`] = median(times.slice(1));
+    }
+  }
+} finally {
+  await browser.close();
+  server.close();
+}
+
+// Native side: the same model file, the same batches, DDIM steps timed by `ddpm bench`.
+const nativeMs = {};
+for (const threads of [1, cores]) {
+  const out = join(mkdtempSync(join(tmpdir(), "ddpm-bench-")), "bench.json");
+  execFileSync(ddpm, ["bench", "--model", model, "--phases", "sample", "--batch", "8,16", "--backend", "cpu",
+    "--threads", String(threads), "--sample-steps", String(steps), "--no-reference", "--json", out], { stdio: ["ignore", "ignore", "inherit"] });
+  const report = JSON.parse(readFileSync(out, "utf8"));
+  for (const row of report.rows.filter((r) => r.phase === "sample" && r.ours?.Ok)) {
+    // One iteration is a whole DDIM run of `steps` UNet evaluations.
+    nativeMs[`${row.batch}/${threads}`] = median(row.ours.Ok.per_iter_s) * 1000 / steps;
+  }
+}
+
+const cpu = execFileSync("lscpu", { encoding: "utf8" }).match(/Model name:\s*(.*)/)?.[1] ?? "unknown CPU";
+console.log(`CPU: ${cpu}, ${cores} cores; DDIM ${steps} steps, median ms per step`);
+console.log("| forward | browser, 1 worker | native, 1 thread | ratio | browser, " + `${cores} workers | native, ${cores} threads | ratio |`);
+console.log("|---|---|---|---|---|---|---|");
+const rows = [];
+for (const c of cases) {
+  const row = { case: c.name, batch: c.batch };
+  const cells = [`${c.batch} images (${c.name})`];
+  for (const k of [1, cores]) {
+    const b = browserMs[`${c.batch}/${k}`];
+    const n = nativeMs[`${c.batch}/${k}`];
+    Object.assign(row, { [`browser_${k}`]: b, [`native_${k}`]: n });
+    cells.push(b.toFixed(0), n?.toFixed(0) ?? "?", n ? (b / n).toFixed(2) : "?");
+  }
+  rows.push(row);
+  console.log(`| ${cells.join(" | ")} |`);
+}
+if (jsonOut) writeFileSync(jsonOut, JSON.stringify({ cpu, cores, steps, rows }, null, 2));
