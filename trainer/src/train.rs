@@ -301,6 +301,11 @@ const RESUME_SETTINGS: [&str; 9] = [
     "keep",
 ];
 
+/// (given, stored, whether they agree) for a flag whose value prints as given.
+fn plain<T: PartialEq + std::fmt::Display>(given: &T, stored: &T) -> (String, String, bool) {
+    (given.to_string(), stored.to_string(), given == stored)
+}
+
 /// The flags of `args` that contradict the stored run `config`, as (flag, given, stored).
 fn contradictions(args: &TrainArgs, config: &RunConfig) -> Vec<(String, String, String)> {
     let unet = &config.model.unet;
@@ -340,26 +345,14 @@ fn contradictions(args: &TrainArgs, config: &RunConfig) -> Vec<(String, String, 
                 opt(config.limit.map(|v| v.to_string())),
                 args.limit == config.limit,
             ),
-            "conditional" => (
-                args.conditional.to_string(),
-                config.conditional.to_string(),
-                args.conditional == config.conditional,
-            ),
-            "p_uncond" => (
-                args.p_uncond.to_string(),
-                config.p_uncond.to_string(),
-                args.p_uncond == config.p_uncond,
-            ),
+            "conditional" => plain(&args.conditional, &config.conditional),
+            "p_uncond" => plain(&args.p_uncond, &config.p_uncond),
             "schedule" => (
                 flag_value(&args.schedule),
                 stored_enum(&config.model.schedule.beta_schedule, schedule_of),
                 schedule_of(args.schedule) == config.model.schedule.beta_schedule,
             ),
-            "timesteps" => (
-                args.timesteps.to_string(),
-                config.model.schedule.num_train_timesteps.to_string(),
-                args.timesteps == config.model.schedule.num_train_timesteps,
-            ),
+            "timesteps" => plain(&args.timesteps, &config.model.schedule.num_train_timesteps),
             "prediction" => (
                 flag_value(&args.prediction),
                 stored_enum(&config.model.prediction, prediction_of),
@@ -376,46 +369,22 @@ fn contradictions(args: &TrainArgs, config: &RunConfig) -> Vec<(String, String, 
                     args.min_snr_gamma == stored,
                 )
             }
-            "batch_size" => (
-                args.batch_size.to_string(),
-                config.batch_size.to_string(),
-                args.batch_size == config.batch_size,
-            ),
-            "lr" => (
-                args.lr.to_string(),
-                config.lr.to_string(),
-                args.lr == config.lr,
-            ),
-            "warmup" => (
-                args.warmup.to_string(),
-                config.warmup.to_string(),
-                args.warmup == config.warmup,
-            ),
+            "batch_size" => plain(&args.batch_size, &config.batch_size),
+            "lr" => plain(&args.lr, &config.lr),
+            "warmup" => plain(&args.warmup, &config.warmup),
             "lr_schedule" => (
                 flag_value(&args.lr_schedule),
                 flag_value(&config.lr_schedule),
                 args.lr_schedule == config.lr_schedule,
             ),
-            "grad_clip" => (
-                args.grad_clip.to_string(),
-                config.grad_clip.to_string(),
-                args.grad_clip == config.grad_clip,
-            ),
-            "ema_decay" => (
-                args.ema_decay.to_string(),
-                config.ema_decay.to_string(),
-                args.ema_decay == config.ema_decay,
-            ),
+            "grad_clip" => plain(&args.grad_clip, &config.grad_clip),
+            "ema_decay" => plain(&args.ema_decay, &config.ema_decay),
             "hflip" => (
                 opt(args.hflip.map(|v| v.to_string())),
                 config.hflip.to_string(),
                 args.hflip == Some(config.hflip),
             ),
-            "seed" => (
-                args.seed.to_string(),
-                config.seed.to_string(),
-                args.seed == config.seed,
-            ),
+            "seed" => plain(&args.seed, &config.seed),
             other => (
                 String::new(),
                 format!("(a flag --resume does not take: {other})"),

@@ -7,37 +7,8 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{DDPM, fails, ok, p, temp_dir};
+use common::{DDPM, fails, ok, p, temp_dir, train_args};
 use ddpm::noise::SeededNoise;
-
-/// A tiny run: 64 Fashion-MNIST images, the tiny UNet, batch 8.
-fn train_args<'a>(out: &'a str, steps: &'a str) -> Vec<&'a str> {
-    vec![
-        "train",
-        "--data",
-        "fashion-mnist",
-        "--limit",
-        "64",
-        "--model",
-        "tiny",
-        "--batch-size",
-        "8",
-        "--steps",
-        steps,
-        "--warmup",
-        "2",
-        "--checkpoint-every",
-        "2",
-        "--sample-every",
-        "4",
-        "--sample-steps",
-        "2",
-        "--backend",
-        "cpu",
-        "--out",
-        out,
-    ]
-}
 
 fn loss_rows(run: &Path) -> Vec<String> {
     std::fs::read_to_string(run.join("loss.csv"))

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{DDPM, fails, ok, p, temp_dir};
+use common::{DDPM, fails, ok, p, temp_dir, train_args, with_flags};
 
 /// (step, loss) rows of a run's loss log.
 fn losses(run: &Path) -> Vec<(u64, f64)> {
@@ -160,21 +160,8 @@ fn a_saved_state_continues_like_its_run() {
     let dir = temp_dir("roundtrip");
     let run = dir.join("run");
     let train = |out: &Path, steps: &str| {
-        ok(&[
-            "train",
-            "--data",
-            "fashion-mnist",
-            "--limit",
-            "64",
-            "--model",
-            "tiny",
+        let flags = [
             "--conditional",
-            "--batch-size",
-            "8",
-            "--steps",
-            steps,
-            "--warmup",
-            "2",
             "--ema-decay",
             "0.9",
             "--checkpoint-every",
@@ -183,11 +170,8 @@ fn a_saved_state_continues_like_its_run() {
             "0",
             "--log-every",
             "3",
-            "--backend",
-            "cpu",
-            "--out",
-            p(out),
-        ])
+        ];
+        ok(&with_flags(train_args(p(out), steps), &flags))
     };
     train(&run, "4");
     let state = dir.join("state");
@@ -283,25 +267,8 @@ fn a_saved_state_continues_like_its_run() {
 fn bad_states_and_flags_are_refused() {
     let dir = temp_dir("bad");
     let run = dir.join("run");
-    ok(&[
-        "train",
-        "--data",
-        "fashion-mnist",
-        "--limit",
-        "32",
-        "--model",
-        "tiny",
-        "--batch-size",
-        "4",
-        "--steps",
-        "2",
-        "--sample-every",
-        "0",
-        "--backend",
-        "cpu",
-        "--out",
-        p(&run),
-    ]);
+    let flags = ["--limit", "32", "--batch-size", "4", "--sample-every", "0"];
+    ok(&with_flags(train_args(p(&run), "2"), &flags));
     let state = dir.join("state");
     ok(&["export", "--checkpoint", p(&run), "--state", p(&state)]);
     let saved = snapshot(&state);

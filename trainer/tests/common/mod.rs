@@ -47,3 +47,52 @@ pub fn fails(args: &[&str]) -> String {
 pub fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
+
+/// A tiny run: 64 Fashion-MNIST images, the tiny UNet, batch 8.
+pub fn train_args<'a>(out: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--data",
+        "fashion-mnist",
+        "--limit",
+        "64",
+        "--model",
+        "tiny",
+        "--batch-size",
+        "8",
+        "--steps",
+        steps,
+        "--warmup",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--sample-every",
+        "4",
+        "--sample-steps",
+        "2",
+        "--backend",
+        "cpu",
+        "--out",
+        out,
+    ]
+}
+
+/// `args` with `flags` set: a `--flag value` pair replaces that flag's value or is appended, a
+/// lone `--flag` is appended.
+pub fn with_flags<'a>(mut args: Vec<&'a str>, flags: &[&'a str]) -> Vec<&'a str> {
+    let mut i = 0;
+    while i < flags.len() {
+        let flag = flags[i];
+        let value = flags.get(i + 1).filter(|v| !v.starts_with("--"));
+        match (args.iter().position(|a| *a == flag), value) {
+            (Some(at), Some(v)) => args[at + 1] = v,
+            (Some(_), None) => {}
+            (None, _) => {
+                args.push(flag);
+                args.extend(value);
+            }
+        }
+        i += 1 + value.is_some() as usize;
+    }
+    args
+}
