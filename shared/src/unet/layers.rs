@@ -14,7 +14,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use super::config::TimeScaleShift;
 
 /// Whether `x` is a float32 tensor on burn's CPU backend (with or without autodiff).
-#[cfg(feature = "flex-kernels")]
+#[cfg(feature = "flex-kernels-forward")]
 fn on_flex_f32<const D: usize>(x: &Tensor<D>) -> bool {
     x.dtype() == burn::tensor::DType::F32
         && matches!(
@@ -25,9 +25,9 @@ fn on_flex_f32<const D: usize>(x: &Tensor<D>) -> bool {
 
 /// SiLU, `x · sigmoid(x)`, the UNet's activation: burn's, except for float32 tensors on burn's
 /// CPU backend, which take the fused kernel of [`super::flex_kernels`] when it is compiled in
-/// (feature `flex-kernels`).
+/// (feature `flex-kernels-forward`).
 pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    #[cfg(feature = "flex-kernels")]
+    #[cfg(feature = "flex-kernels-forward")]
     if on_flex_f32(&x) {
         use super::flex_kernels::FlexKernels;
         return Tensor::from_dispatch(<burn::backend::Dispatch as FlexKernels>::flex_silu(
@@ -39,12 +39,12 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 
 /// Multi-head scaled dot-product attention, `softmax(q kᵀ / √head_dim) v` for each head: burn's
 /// ops, except for float32 tensors on burn's CPU backend, which take [`super::flex_kernels`]'
-/// fused kernel when it is compiled in (feature `flex-kernels`).
+/// fused kernel when it is compiled in (feature `flex-kernels-forward`).
 ///
 /// # Shapes
 /// - q, k, v: `[batch, len, heads · head_dim]`, heads side by side; output: the same
 pub fn multi_head_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tensor<3> {
-    #[cfg(feature = "flex-kernels")]
+    #[cfg(feature = "flex-kernels-forward")]
     if on_flex_f32(&q) {
         use super::flex_kernels::FlexKernels;
         return Tensor::from_dispatch(<burn::backend::Dispatch as FlexKernels>::flex_attention(
@@ -79,9 +79,9 @@ pub(crate) fn multi_head_attention_ops(
 /// `conv.forward(x)`, except that convolutions with bias, 3×3 with any stride and explicit
 /// padding or 1×1 with stride 1 and no padding, on float32 tensors on burn's CPU backend take
 /// [`super::flex_kernels`]' im2col + GEMM kernels when they are compiled in (feature
-/// `flex-kernels`).
+/// `flex-kernels-forward`).
 pub fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    #[cfg(feature = "flex-kernels")]
+    #[cfg(feature = "flex-kernels-forward")]
     if on_flex_f32(&x)
         && let Some(spec) = flex_conv_spec(conv, x.dims())
         && let Some(bias) = &conv.bias
@@ -100,7 +100,7 @@ pub fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 /// The stride and padding of `conv` on an input of `dims` when [`super::flex_kernels`]' conv
 /// kernels compute it: 3×3 with the same stride along both axes and explicit padding (an output
 /// of at least one pixel), or 1×1 with stride 1 and no padding; ungrouped, undilated.
-#[cfg(feature = "flex-kernels")]
+#[cfg(feature = "flex-kernels-forward")]
 pub(crate) fn flex_conv_spec(
     conv: &Conv2d,
     [_, _, h, w]: [usize; 4],
@@ -148,7 +148,7 @@ pub(crate) fn group_norm(groups: usize, channels: usize, eps: f64, device: &Devi
 /// float32 tensors on the CPU backend take [`super::flex_kernels`]' GroupNorm, which has its own
 /// backward pass.
 pub(crate) fn group_norm_forward(norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
-    #[cfg(feature = "flex-kernels")]
+    #[cfg(feature = "flex-kernels-forward")]
     if let Some(y) = flex_group_norm(norm, &x, false) {
         return y;
     }
@@ -169,7 +169,7 @@ pub(crate) fn group_norm_forward(norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
 /// `silu(group_norm_forward(norm, x))`, in one pass forward and backward on the CPU backend
 /// with feature `flex-kernels`.
 pub(crate) fn group_norm_silu(norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
-    #[cfg(feature = "flex-kernels")]
+    #[cfg(feature = "flex-kernels-forward")]
     if let Some(y) = flex_group_norm(norm, &x, true) {
         return y;
     }
@@ -178,7 +178,7 @@ pub(crate) fn group_norm_silu(norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
 
 /// [`super::flex_kernels`]' GroupNorm (then SiLU when `silu`), for float32 tensors on the CPU
 /// backend with an affine norm; `None` elsewhere.
-#[cfg(feature = "flex-kernels")]
+#[cfg(feature = "flex-kernels-forward")]
 fn flex_group_norm(norm: &GroupNorm, x: &Tensor<4>, silu: bool) -> Option<Tensor<4>> {
     use super::flex_kernels::{FlexKernels, GroupNormSpec};
     let (Some(gamma), Some(beta)) = (&norm.gamma, &norm.beta) else {

@@ -6,7 +6,7 @@
 
 mod blocks;
 mod config;
-#[cfg(feature = "flex-kernels")]
+#[cfg(feature = "flex-kernels-forward")]
 pub mod flex_kernels;
 mod layers;
 
@@ -264,7 +264,7 @@ pub fn on_batch_slices<T: Send>(
     // every kernel call was handed to the pool's workers and waited for them: with the trainer's
     // main thread in the pool (2 threads), the two slices' kernels queued on one worker and a
     // cifar training step at batch 16 ran at one thread's speed.
-    #[cfg(feature = "flex-kernels")]
+    #[cfg(feature = "flex-kernels-forward")]
     {
         use rayon::prelude::*;
         let slices: Vec<_> = slices.collect();
@@ -274,7 +274,7 @@ pub fn on_batch_slices<T: Send>(
             .map(|(start, len)| f(start, len))
             .collect()
     }
-    #[cfg(not(feature = "flex-kernels"))]
+    #[cfg(not(feature = "flex-kernels-forward"))]
     std::thread::scope(|scope| {
         let f = &f;
         let handles: Vec<_> = slices
