@@ -130,7 +130,7 @@ pub fn img2img(args: Img2ImgArgs) -> Result<()> {
     let loaded = Loaded::open(out)?;
     let device = &loaded.selected.device;
     let (image, _) = read_image(&args.image, &loaded.info, device)?;
-    let sampler = loaded.sampler(sampling, out.no_clip)?;
+    let sampler = loaded.sampler(sampling, out)?;
     let generate = loaded.generate_options(out, args.n);
     let generation = Generation::img2img(
         &loaded.model,

@@ -437,7 +437,7 @@ fn generate(
             &schedule,
             info.prediction,
             args.steps,
-            &SamplerOptions::default(),
+            &SamplerOptions::default().guided(args.guidance),
         )?;
         let generation = Generation::new(&model, &info, sampler, &options, device)?
             .with_batch_threads(backend.batch_threads);

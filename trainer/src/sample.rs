@@ -226,18 +226,19 @@ impl Loaded {
         }
     }
 
-    /// A sampler for the model.
+    /// A sampler for the model, with the output flags' clipping and guidance.
     pub fn sampler(
         &self,
         args: &SamplerArgs,
-        no_clip: bool,
+        out: &OutputArgs,
     ) -> Result<Box<dyn ddpm::sampler::Sampler + Send>> {
         let schedule = schedule_for(&self.info, args.steps)?;
         let options = SamplerOptions {
             eta: args.eta,
-            clip_sample: !no_clip,
+            clip_sample: !out.no_clip,
             ..SamplerOptions::default()
-        };
+        }
+        .guided(out.guidance);
         Ok(build_sampler(
             args.sampler,
             &schedule,
@@ -347,7 +348,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let out = &args.output;
     let loaded = Loaded::open(out)?;
     let sampling = &args.sampling;
-    let sampler = loaded.sampler(sampling, out.no_clip)?;
+    let sampler = loaded.sampler(sampling, out)?;
     let generate = loaded.generate_options(out, args.n);
     let device = &loaded.selected.device;
     let (model, info) = (&loaded.model, &loaded.info);

@@ -621,7 +621,8 @@ fn sampler_for(
     let sampler_options = SamplerOptions {
         eta: p.eta,
         ..SamplerOptions::default()
-    };
+    }
+    .guided(p.generate.guidance);
     build_sampler(
         p.kind,
         &schedule,
