@@ -1,12 +1,13 @@
 // The CPU fallback in the browser against the native binary, from one run on one machine:
 //
-//   node benches/browser.mjs [dist] [--ddpm target/debug/ddpm] [--steps 10] [--json out.json]
+//   node benches/browser.mjs [dist] [--ddpm target/release/ddpm] [--steps 10] [--json out.json]
 //
 // Headless Chromium without WebGPU samples the bundled model (DDIM) at n = 4 with guidance 2 and
 // at n = 16 without, on 1 worker and on one worker per core; the median milliseconds per step
 // come from the times between onStep calls (previews on, as on the page). Then `ddpm bench`
 // times the same forwards natively (an 8- and a 16-image batch, the same model file) on 1 thread
-// and on all threads. Prints both and their ratios. Needs `trunk build --release` output in
+// and on all threads. Prints both and their ratios, and the time the page takes for its default
+// grid (Generate pressed, the page's own settings). Needs `trunk build --release` output in
 // dist/ and a built `ddpm`.
 import { execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
@@ -20,7 +21,7 @@ const flag = (name, fallback) => {
   const i = args.indexOf(name);
   return i >= 0 ? args.splice(i, 2)[1] : fallback;
 };
-const ddpm = flag("--ddpm", "target/debug/ddpm");
+const ddpm = flag("--ddpm", "target/release/ddpm");
 const steps = Number(flag("--steps", "10"));
 const jsonOut = flag("--json", null);
 const dist = args[0] ?? "dist";
@@ -45,11 +46,24 @@ const cases = [
   { name: "n = 16", n: 16, guidance: 1, batch: 16 },
 ];
 const browserMs = {};
+let grid;
 try {
   const page = await browser.newPage();
   page.setDefaultTimeout(600_000);
   await page.goto(server.url);
   await page.waitForFunction(() => window.ddpmPage?.ready);
+  // The page as a visitor without WebGPU uses it: its own default settings, Generate pressed,
+  // until the grid is done (three times; the median).
+  const defaults = await page.evaluate(() => ["n", "steps", "guidance", "sampler"].map((id) => `${id} ${document.getElementById(id).value}`).join(", "));
+  const grids = [];
+  for (let i = 0; i < 3; i++) {
+    await page.evaluate(() => { window.ddpmPage.firstStepMs = null; window.ddpmPage.last = null; });
+    const start = Date.now();
+    await page.click("#generate");
+    await page.waitForFunction(() => window.ddpmPage.last && !window.ddpmPage.running, { polling: 50 });
+    grids.push({ ms: Date.now() - start, first: await page.evaluate(() => window.ddpmPage.firstStepMs) });
+  }
+  grid = { defaults, ms: median(grids.map((g) => g.ms)), first: median(grids.map((g) => g.first)) };
   for (const workers of [1, cores]) {
     for (const c of cases) {
       const times = await page.evaluate(async (c, workers, steps) => {
@@ -101,4 +115,6 @@ for (const c of cases) {
   rows.push(row);
   console.log(`| ${cells.join(" | ")} |`);
 }
-if (jsonOut) writeFileSync(jsonOut, JSON.stringify({ cpu, cores, steps, rows }, null, 2));
+console.log(`the page's default grid without WebGPU (${grid.defaults}; ${cores} workers): ` +
+  `${(grid.ms / 1000).toFixed(1)} s from Generate to the finished grid, first preview after ${grid.first.toFixed(0)} ms (median of 3)`);
+if (jsonOut) writeFileSync(jsonOut, JSON.stringify({ cpu, cores, steps, rows, grid }, null, 2));

@@ -34,7 +34,7 @@ JSON
 cat > pkg/README.md <<'MD'
 # ddpm-web
 
-Sample [ddpm-rs](https://github.com/ddpm-rs/ddpm-rs) models in the browser: WebGPU when the browser
+Sample ddpm-rs models in the browser: WebGPU when the browser
 has it, else the CPU with the batch split across one Web Worker per core.
 
 ```js

@@ -257,7 +257,7 @@ async function editsMatchNative(page, label) {
   check(uploaded.every((v, i) => v === picked[i]), `${label}: an uploaded PNG becomes the image to edit`);
 }
 
-// Generate with the page's own defaults except 20 steps, watching the main thread: long tasks
+// Generate with the page's own defaults, watching the main thread: long tasks
 // (PerformanceObserver "longtask", Chromium: tasks over 50 ms) and the longest gap between the
 // ticks of a 10 ms timer (both browsers). Returns the worst task and gap in ms.
 async function responsive(page, label) {
@@ -279,7 +279,17 @@ async function responsive(page, label) {
     };
     setTimeout(tick, 10);
   });
-  await setInputs(page, { steps: 20, n: 16, guidance: 2, sampler: "ddim", every: 1, seed: 1 });
+  // Back to the page's own settings (earlier checks changed them).
+  const defaults = await page.evaluate(() => {
+    window.ddpmPage.firstStepMs = null;
+    const out = {};
+    for (const id of ["sampler", "steps", "seed", "n", "class", "guidance", "every"]) {
+      const el = document.getElementById(id);
+      el.value = el.tagName === "SELECT" ? [...el.options].find((o) => o.defaultSelected)?.value ?? el.value : el.defaultValue;
+      out[el.id] = el.value;
+    }
+    return out;
+  });
   const { last, error, ms } = await generate(page);
   const watch = await page.evaluate(() => {
     const w = window.ddpmWatch;
@@ -287,7 +297,7 @@ async function responsive(page, label) {
     w.observer?.disconnect();
     return { tasks: w.tasks, gap: w.gap, first: window.ddpmPage.firstStepMs };
   });
-  check(last && !error, `${label}: the page's default grid at 20 steps finished (${ms} ms, first preview after ${watch.first?.toFixed(0)} ms)${error ? `: ${error}` : ""}`);
+  check(last && !error, `${label}: the page's default grid (${defaults.n} images, ${defaults.steps} steps, guidance ${defaults.guidance}) finished (${ms} ms, first preview after ${watch.first?.toFixed(0)} ms)${error ? `: ${error}` : ""}`);
   const worst = watch.tasks === null ? null : Math.max(0, ...watch.tasks);
   if (watch.tasks !== null) {
     check(watch.tasks.length === 0, `${label}: no main-thread task over 50 ms while sampling (${watch.tasks.length} long tasks, longest ${worst.toFixed(0)} ms)`);
@@ -305,14 +315,17 @@ async function workersAgree(page) {
     for (const workers of [1, 2]) {
       const d = await Diffusion.load(window.ddpmPage.bytes, "cpu", { workers });
       const out = await d.sample(options);
-      outs.push({ workers: d.workers, note: d.backendNote(), pixels: Array.from(out.pixels) });
+      outs.push({ workers: d.workers, note: d.backendNote(), pixels: Array.from(out.pixels), rgba: Array.from(out.rgba) });
       d.free();
     }
     return outs;
   });
+  // The same noise reaches each image whatever the split; a smaller batch may round a matrix
+  // product differently (about 1e-5), far below one level of an 8-bit pixel.
   const diff = maxDiff(outs[0].pixels, outs[1].pixels);
-  check(outs[0].workers === 1 && outs[1].workers === 2 && diff === 0,
-    `1 and 2 workers give the same pixels (max |diff| ${diff}; "${outs[1].note}")`);
+  const levels = maxDiff(outs[0].rgba, outs[1].rgba);
+  check(outs[0].workers === 1 && outs[1].workers === 2 && diff < 1e-4 && levels <= 1,
+    `1 and 2 workers give the same pixels (max |diff| ${diff}, ${levels} levels of 255; "${outs[1].note}")`);
 }
 
 // A worker that dies mid-run: the run rejects with a readable Error, and the next run works.

@@ -247,20 +247,23 @@ fn interpolation_ends_are_the_two_seeded_runs() {
 }
 
 /// Images `1..3` of a 4-image run, computed alone (`GenerateOptions::part`, as one worker of a
-/// split run in the browser computes them), are those images of the whole run, bit for bit: for
-/// plain ancestral sampling (fresh noise every step), image-to-image, RePaint and an
-/// interpolation, and with guidance.
+/// split run in the browser computes them), are those images of the whole run: for plain
+/// ancestral sampling (fresh noise every step), image-to-image, RePaint and an interpolation, and
+/// with guidance. The same noise reaches the same images; what remains is float rounding, since a
+/// matrix product over 2 images may sum in another order than over 4 (measured: 1.3e-5 at most,
+/// 0.002 of a level of an 8-bit pixel).
 #[test]
 fn a_part_of_a_run_is_those_images_of_the_whole_run() {
     let device = Device::flex();
     let fixtures = read_fixture("edit/edit.safetensors");
     let image: Tensor<4> = tensor(&fixtures, "img2img/image", &device);
     for (unet, class, guidance) in [("gray28", None, 1.0), ("rgb16_class", Some(1), 2.0)] {
-        let (model, info) = import(unet, &device);
-        assert!(
-            guidance == 1.0 || info.null_class().is_some(),
-            "{unet}: the fixture has no null class for guidance"
-        );
+        let (model, mut info) = import(unet, &device);
+        if let Some(embeds) = info.unet.num_class_embeds {
+            // Name all but the last embedding: the last becomes the null class of guidance.
+            info.class_names = (1..embeds).map(|c| format!("class {c}")).collect();
+        }
+        assert!(guidance == 1.0 || info.null_class().is_some());
         let schedule = NoiseSchedule::new(&info.schedule).unwrap();
         let sampler = |kind| {
             build_sampler(
@@ -337,9 +340,9 @@ fn a_part_of_a_run_is_those_images_of_the_whole_run() {
             let part = run(Some(1..3), task);
             assert_eq!(part.dims()[0], 2, "{unet} {task}");
             let diff = max_abs_diff(part, whole.clone().narrow(0, 1, 2));
-            assert_eq!(
-                diff, 0.0,
-                "{unet} {task}: the part differs from the whole run"
+            assert!(
+                diff < 1e-4,
+                "{unet} {task}: the part differs from the whole run by {diff}"
             );
             // And the part is not trivially the start of the run.
             assert!(max_abs_diff(whole.clone().narrow(0, 0, 2), whole.narrow(0, 1, 2)) > 1e-3);
