@@ -302,7 +302,13 @@ async function responsive(page, label) {
   if (watch.tasks !== null) {
     check(watch.tasks.length === 0, `${label}: no main-thread task over 50 ms while sampling (${watch.tasks.length} long tasks, longest ${worst.toFixed(0)} ms)`);
   }
-  check(watch.gap <= 50, `${label}: the main thread answered a 10 ms timer within 50 ms throughout (longest gap ${watch.gap.toFixed(0)} ms)`);
+  // Where the browser reports long tasks (Chromium) the timer must keep within the same 50 ms.
+  // Firefox has no long-task API: its timer gap also counts the time the OS leaves the main
+  // thread waiting while the workers hold every core (24–43 ms measured on 2 quiet cores, 74 ms
+  // with another 2-thread process running), so it is held to 100 ms, which still catches
+  // sampling on the main thread (788 ms per step there before the workers).
+  const bound = watch.tasks === null ? 100 : 50;
+  check(watch.gap <= bound, `${label}: the main thread answered a 10 ms timer within ${bound} ms throughout (longest gap ${watch.gap.toFixed(0)} ms)`);
 }
 
 // The same seed gives the same pixels with 1 and with 2 workers (ancestral DDPM with guidance,
