@@ -3,8 +3,10 @@
 //   node benches/browser.mjs [dist] [--ddpm target/release/ddpm] [--steps 10] [--json out.json]
 //
 // Headless Chromium without WebGPU samples the bundled model (DDIM) at n = 4 with guidance 2 and
-// at n = 16 without, on 1 worker and on one worker per core; the median milliseconds per step
-// come from the times between onStep calls (previews on, as on the page). Then `ddpm bench`
+// at n = 16 without, on 1 worker and on one worker per core, with each wasm module: the
+// relaxed-SIMD one (where Chromium validates it; the page's choice there) and the plain simd128
+// one; the median milliseconds per step come from the times between onStep calls (previews on,
+// as on the page). Then `ddpm bench`
 // times the same forwards natively (an 8- and a 16-image batch, the same model file) on 1 thread
 // and on all threads. Prints both and their ratios, and the time the page takes for its default
 // grid (Generate pressed, the page's own settings). Needs `trunk build --release` output in
@@ -47,11 +49,18 @@ const cases = [
 ];
 const browserMs = {};
 let grid;
+let chosen;
 try {
   const page = await browser.newPage();
   page.setDefaultTimeout(600_000);
   await page.goto(server.url);
   await page.waitForFunction(() => window.ddpmPage?.ready);
+  let relaxed;
+  ({ relaxed, chosen } = await page.evaluate(async () => {
+    const ddpm = await import("./ddpm.js");
+    return { relaxed: ddpm.relaxedSimd, chosen: ddpm.wasmVariant };
+  }));
+  console.log(`Chromium: relaxed SIMD ${relaxed ? "validates" : "does not validate"}; the page runs the ${chosen} module`);
   // The page as a visitor without WebGPU uses it: its own default settings, Generate pressed,
   // until the grid is done (three times; the median).
   const defaults = await page.evaluate(() => ["n", "steps", "guidance", "sampler"].map((id) => `${id} ${document.getElementById(id).value}`).join(", "));
@@ -64,21 +73,32 @@ try {
     grids.push({ ms: Date.now() - start, first: await page.evaluate(() => window.ddpmPage.firstStepMs) });
   }
   grid = { defaults, ms: median(grids.map((g) => g.ms)), first: median(grids.map((g) => g.first)) };
-  for (const workers of [1, cores]) {
-    for (const c of cases) {
-      const times = await page.evaluate(async (c, workers, steps) => {
-        const { Diffusion } = await import("./ddpm.js");
-        const d = await Diffusion.load(window.ddpmPage.bytes, "cpu", { workers });
-        const options = { n: c.n, guidance: c.guidance, classLabel: 0, sampler: "ddim", seed: 1 };
-        await d.sample({ ...options, steps: 2 }); // warm-up
-        const stamps = [performance.now()];
-        await d.sample({ ...options, steps, onStep: () => { stamps.push(performance.now()); } });
-        d.free();
-        return stamps.slice(1).map((t, i) => t - stamps[i]);
-      }, c, workers, steps);
-      // The first interval includes the run's start (messages to the workers).
-      browserMs[`${c.batch}/${workers}`] = median(times.slice(1));
+  // Each wasm module on a page of its own (a module is started once per page): the one the page
+  // chose for this browser (relaxed SIMD where it validates) and the plain simd128 one.
+  const variants = relaxed ? ["ddpm-web-relaxed.wasm", "ddpm-web_bg.wasm"] : ["ddpm-web_bg.wasm"];
+  for (const wasm of variants) {
+    const blank = await browser.newPage();
+    blank.setDefaultTimeout(600_000);
+    await blank.goto(`${server.url}bench-blank`); // same origin, no page script (a 404)
+    for (const workers of [1, cores]) {
+      for (const c of cases) {
+        const { times, variant } = await blank.evaluate(async (c, workers, steps, wasm) => {
+          const ddpm = await import("/ddpm.js");
+          await ddpm.default({ wasm: new URL(`/${wasm}`, location.href) });
+          const bytes = new Uint8Array(await (await fetch("/fashion-mnist.safetensors")).arrayBuffer());
+          const d = await ddpm.Diffusion.load(bytes, "cpu", { workers });
+          const options = { n: c.n, guidance: c.guidance, classLabel: 0, sampler: "ddim", seed: 1 };
+          await d.sample({ ...options, steps: 2 }); // warm-up
+          const stamps = [performance.now()];
+          await d.sample({ ...options, steps, onStep: () => { stamps.push(performance.now()); } });
+          d.free();
+          return { times: stamps.slice(1).map((t, i) => t - stamps[i]), variant: ddpm.wasmVariant };
+        }, c, workers, steps, wasm);
+        // The first interval includes the run's start (messages to the workers).
+        browserMs[`${variant}/${c.batch}/${workers}`] = median(times.slice(1));
+      }
     }
+    await blank.close();
   }
 } finally {
   await browser.close();
@@ -100,21 +120,24 @@ for (const threads of [1, cores]) {
 
 const cpu = execFileSync("lscpu", { encoding: "utf8" }).match(/Model name:\s*(.*)/)?.[1] ?? "unknown CPU";
 console.log(`CPU: ${cpu}, ${cores} cores; DDIM ${steps} steps, median ms per step`);
-console.log("| forward | browser, 1 worker | native, 1 thread | ratio | browser, " + `${cores} workers | native, ${cores} threads | ratio |`);
-console.log("|---|---|---|---|---|---|---|");
+console.log("| forward | module | browser, 1 worker | native, 1 thread | ratio | browser, " + `${cores} workers | native, ${cores} threads | ratio |`);
+console.log("|---|---|---|---|---|---|---|---|");
 const rows = [];
-for (const c of cases) {
-  const row = { case: c.name, batch: c.batch };
-  const cells = [`${c.batch} images (${c.name})`];
-  for (const k of [1, cores]) {
-    const b = browserMs[`${c.batch}/${k}`];
-    const n = nativeMs[`${c.batch}/${k}`];
-    Object.assign(row, { [`browser_${k}`]: b, [`native_${k}`]: n });
-    cells.push(b.toFixed(0), n?.toFixed(0) ?? "?", n ? (b / n).toFixed(2) : "?");
+for (const variant of ["relaxed-simd", "simd128"]) {
+  for (const c of cases) {
+    if (browserMs[`${variant}/${c.batch}/1`] === undefined) continue;
+    const row = { case: c.name, batch: c.batch, module: variant };
+    const cells = [`${c.batch} images (${c.name})`, variant];
+    for (const k of [1, cores]) {
+      const b = browserMs[`${variant}/${c.batch}/${k}`];
+      const n = nativeMs[`${c.batch}/${k}`];
+      Object.assign(row, { [`browser_${k}`]: b, [`native_${k}`]: n });
+      cells.push(b.toFixed(0), n?.toFixed(0) ?? "?", n ? (b / n).toFixed(2) : "?");
+    }
+    rows.push(row);
+    console.log(`| ${cells.join(" | ")} |`);
   }
-  rows.push(row);
-  console.log(`| ${cells.join(" | ")} |`);
 }
-console.log(`the page's default grid without WebGPU (${grid.defaults}; ${cores} workers): ` +
+console.log(`the page's default grid without WebGPU (${grid.defaults}; ${cores} workers, the ${chosen} module): ` +
   `${(grid.ms / 1000).toFixed(1)} s from Generate to the finished grid, first preview after ${grid.first.toFixed(0)} ms (median of 3)`);
-if (jsonOut) writeFileSync(jsonOut, JSON.stringify({ cpu, cores, steps, rows, grid }, null, 2));
+if (jsonOut) writeFileSync(jsonOut, JSON.stringify({ cpu, cores, steps, chosen, rows, grid }, null, 2));

@@ -1,7 +1,7 @@
 // The npm package (pkg/, from scripts/package.sh) as an embedder uses it: `npm install` it into
 // a new project, bundle a page that imports it with esbuild, serve the bundle with the
-// package's worker, glue and wasm module beside it, and sample in headless Chromium (CPU, two
-// workers). The samples equal the native ones within 1e-3.
+// package's worker, glue and wasm modules beside it, and sample in headless Chromium (CPU, two
+// workers, the relaxed-SIMD module there). The samples equal the native ones within 1e-3.
 //
 //   node tests/browser/package_test.mjs pkg native.npy native-settings.json model.safetensors
 import { execFileSync } from "node:child_process";
@@ -49,7 +49,7 @@ execFileSync(esbuild, ["main.js", "--bundle", "--format=esm", `--outfile=${join(
   { cwd: project, stdio: "inherit" });
 // The assets that ddpm.js finds beside itself (here: beside the bundle).
 const installed = join(project, "node_modules", "ddpm-web");
-for (const f of ["ddpm-worker.js", "ddpm-web.js", "ddpm-web_bg.wasm"]) copyFileSync(join(installed, f), join(out, f));
+for (const f of ["ddpm-worker.js", "ddpm-web.js", "ddpm-web_bg.wasm", "ddpm-web-relaxed.wasm"]) copyFileSync(join(installed, f), join(out, f));
 copyFileSync(modelPath, join(out, "model.safetensors"));
 writeFileSync(join(out, "index.html"), `<!doctype html><meta charset="utf-8"><script type="module" src="app.js"></script>`);
 
@@ -70,7 +70,7 @@ try {
   } else {
     let diff = result.pixels.length === native.length ? 0 : Infinity;
     for (let i = 0; i < native.length && diff !== Infinity; i++) diff = Math.max(diff, Math.abs(result.pixels[i] - native[i]));
-    ok = diff <= 1e-3 && result.workers === 2 && result.previews === inputs.steps;
+    ok = diff <= 1e-3 && result.workers === 2 && result.previews === inputs.steps && /relaxed SIMD/.test(result.note);
     console.log(`${ok ? "ok  " : "FAIL"} npm install + esbuild: a page importing "ddpm-web" samples the native images ` +
       `(max |diff| ${diff.toExponential(2)} ≤ 1e-3; ${result.workers} workers, ${result.previews} previews; "${result.note}")`);
   }

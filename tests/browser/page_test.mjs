@@ -21,6 +21,9 @@
 //     main thread and says so.
 //  6. Firefox ESR (WebDriver BiDi): the CPU fallback (or WebGPU where it has it) equals the
 //     native samples, stays responsive, refuses a corrupt file and cancels.
+//  7. The two wasm modules: each browser runs the relaxed-SIMD one where relaxed SIMD validates
+//     (and its backend note says so), else the plain one; where it runs the relaxed one, the
+//     plain one gives the native samples too.
 import { execFileSync } from "node:child_process";
 import { readFileSync, mkdtempSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
@@ -145,6 +148,47 @@ async function sameAsNative(page, label) {
   const first = await page.evaluate(() => window.ddpmPage.firstStepMs);
   console.log(`  ${label}: ${last.msPerStep.toFixed(1)} ms per step on ${last.backend}; first image ${first?.toFixed(0)} ms after Generate`);
   return last;
+}
+
+// The page started the wasm module that fits the browser: the relaxed-SIMD one where relaxed SIMD
+// validates, the plain simd128 one elsewhere; the backend note says which on the CPU.
+async function moduleChoice(page, label) {
+  const { relaxed, variant, note } = await page.evaluate(async () => {
+    const ddpm = await import("./ddpm.js");
+    return { relaxed: ddpm.relaxedSimd, variant: ddpm.wasmVariant, note: window.ddpmPage.model?.backendNote() };
+  });
+  const want = relaxed ? "relaxed-simd" : "simd128";
+  check(variant === want && /relaxed SIMD/.test(note) === (relaxed && /^CPU/.test(note)),
+    `${label}: relaxed SIMD ${relaxed ? "validates" : "does not validate"}, and the page runs the ${variant} module ("${note}")`);
+  return relaxed;
+}
+
+// The module the page did not choose (the plain one where relaxed SIMD validates), on a page of
+// its own: its samples equal the native ones too.
+async function otherModule(browser, label, relaxed) {
+  const wasm = relaxed ? "ddpm-web_bg.wasm" : "ddpm-web-relaxed.wasm";
+  if (!relaxed) {
+    console.log(`  ${label}: ${wasm} is not checked (this browser does not validate relaxed SIMD)`);
+    return;
+  }
+  const page = await browser.newPage();
+  page.setDefaultTimeout(TIMEOUT);
+  await page.goto(`${url}no-page-here`); // same origin, no page script
+  const i = settings.inputs;
+  const out = await page.evaluate(async (wasm, i) => {
+    const ddpm = await import("/ddpm.js");
+    await ddpm.default({ wasm: new URL(`/${wasm}`, location.href) });
+    const bytes = new Uint8Array(await (await fetch("/fashion-mnist.safetensors")).arrayBuffer());
+    const d = await ddpm.Diffusion.load(bytes, "cpu");
+    const o = await d.sample({ n: i.n, steps: i.steps, sampler: i.sampler, seed: i.seed, classLabel: i.class, guidance: i.guidance });
+    const note = d.backendNote();
+    d.free();
+    return { variant: ddpm.wasmVariant, note, pixels: Array.from(o.pixels) };
+  }, wasm, i);
+  const diff = maxDiff(out.pixels, native);
+  check(out.variant === "simd128" && diff <= 1e-3,
+    `${label}: the ${out.variant} module (${wasm}) gives the native samples too (max |diff| ${diff.toExponential(2)} ≤ 1e-3; "${out.note}")`);
+  await page.close();
 }
 
 // Run `ddpm <args>` natively on the CPU and read its .npy output.
@@ -424,6 +468,7 @@ try {
     check(note[0] === "cpu" && /CPU \(WebGPU is not available: no adapter\)/.test(note[1]),
       `without WebGPU the page runs on the CPU and says so ("${note[1]}")`);
     await sameAsNative(page, "cpu");
+    await otherModule(browser, "cpu", await moduleChoice(page, "cpu"));
     await editsMatchNative(page, "cpu");
 
     // The module's editing methods refuse bad input with readable errors.
@@ -481,6 +526,7 @@ try {
     const [backend, note] = await page.evaluate(() => [window.ddpmPage.model?.backend(), document.getElementById("model").textContent]);
     check(backend === "cpu" || backend === "webgpu", `Firefox loads the bundled model ("${note}")`);
     await sameAsNative(page, `firefox ${backend}`);
+    await otherModule(browser, "firefox", await moduleChoice(page, "firefox"));
     await responsive(page, "firefox");
     await corruptFile(page, "firefox");
     await cancelRun(page, "firefox");

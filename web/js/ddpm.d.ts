@@ -21,8 +21,17 @@ export type {
   StepProgress,
 };
 
+/** Whether this engine validates WebAssembly's relaxed SIMD (`f32x4.relaxed_madd`). */
+export const relaxedSimd: boolean;
+/** The SIMD of the module `init` started: "relaxed-simd" or "simd128"; null before `init`. */
+export let wasmVariant: "relaxed-simd" | "simd128" | null;
+
 export interface InitOptions {
-  /** The `.wasm` file (URL, Response, bytes or compiled module). Default: `ddpm-web_bg.wasm` beside ddpm.js. */
+  /**
+   * The `.wasm` file (URL, Response, bytes or compiled module). Default, beside ddpm.js:
+   * `ddpm-web-relaxed.wasm` where the engine validates relaxed SIMD and the file is there, else
+   * `ddpm-web_bg.wasm`.
+   */
   wasm?: string | URL | Request | Response | BufferSource | WebAssembly.Module;
   /** The URL of `ddpm-worker.js`. Default: beside ddpm.js. */
   worker?: string | URL;

@@ -12,26 +12,63 @@
 //
 // Where workers cannot start (a Content-Security-Policy without `worker-src`, for example) the
 // model runs on the main thread as before, and `backendNote()` says so.
-import initWasm, { Diffusion as Core, fitPicture } from "./ddpm-web.js";
+import initWasm, { Diffusion as Core, fitPicture, wasmSimd } from "./ddpm-web.js";
 
 let started = null;
 
 /**
+ * Whether this engine runs WebAssembly's relaxed SIMD: a one-function module with
+ * `f32x4.relaxed_madd` validates. Then `init` loads `ddpm-web-relaxed.wasm`, the module built
+ * with it, whose matrix products use fused multiply-adds.
+ */
+export const relaxedSimd = (() => {
+  try {
+    // (func (param v128 v128 v128) (result v128) local.get 0 local.get 1 local.get 2 f32x4.relaxed_madd)
+    return WebAssembly.validate(new Uint8Array([
+      0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // header
+      0x01, 0x08, 0x01, 0x60, 0x03, 0x7b, 0x7b, 0x7b, 0x01, 0x7b, // type: (v128 v128 v128) -> v128
+      0x03, 0x02, 0x01, 0x00, // one function of that type
+      0x0a, 0x0d, 0x01, 0x0b, 0x00, 0x20, 0x00, 0x20, 0x01, 0x20, 0x02, 0xfd, 0x85, 0x02, 0x0b, // its code
+    ]));
+  } catch {
+    return false;
+  }
+})();
+
+/** The SIMD of the module `init` started: "relaxed-simd" or "simd128" (null before `init`). */
+export let wasmVariant = null;
+
+/**
  * Fetch and compile the wasm module (once; later calls return the same promise). `options.wasm`:
- * where the `.wasm` file is, or its bytes or compiled module (default: `ddpm-web_bg.wasm` beside
- * this file); `options.worker`: the URL of `ddpm-worker.js` (default: beside this file).
+ * where the `.wasm` file is, or its bytes or compiled module (default: `ddpm-web-relaxed.wasm`
+ * beside this file where the engine has relaxed SIMD and that file is there, else
+ * `ddpm-web_bg.wasm`); `options.worker`: the URL of `ddpm-worker.js` (default: beside this file).
  */
 export default function init(options = {}) {
   started ??= (async () => {
     // The workers are sent the compiled module, so that each instantiates it without a compile.
-    const module = await compile(options.wasm ?? new URL("./ddpm-web_bg.wasm", import.meta.url));
-    await initWasm({ module_or_path: module }); // nothing to do if the page has started it already
+    const module = options.wasm !== undefined ? await compile(options.wasm) : await defaultModule();
+    await initWasm({ module_or_path: module });
+    wasmVariant = wasmSimd();
     return { module, workerUrl: options.worker ?? new URL("./ddpm-worker.js", import.meta.url) };
   })().catch((e) => {
     started = null;
     throw e;
   });
   return started.then(() => undefined);
+}
+
+/** The module beside this file that fits the engine, compiled. */
+async function defaultModule() {
+  if (relaxedSimd) {
+    try {
+      return await compile(new URL("./ddpm-web-relaxed.wasm", import.meta.url));
+    } catch (e) {
+      // Not deployed beside this file (a debug build, a page that copied one module): the other.
+      console.info(`ddpm: using ddpm-web_bg.wasm: ${e.message}`);
+    }
+  }
+  return compile(new URL("./ddpm-web_bg.wasm", import.meta.url));
 }
 
 /** `source` (a URL, Request, Response, bytes or a compiled module) compiled. */

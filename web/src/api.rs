@@ -293,6 +293,12 @@ impl Diffusion {
                 )));
             }
         };
+        // Which of the two CPU builds this is, where it matters.
+        let note = if name == "cpu" && cfg!(target_feature = "relaxed-simd") {
+            format!("{note}, relaxed SIMD")
+        } else {
+            note
+        };
         if let Some(max) = max_buffer {
             let needed = info.unet.largest_buffer_bytes(1);
             if needed > max {
@@ -433,6 +439,18 @@ impl Diffusion {
 }
 
 /// `picture` fitted to a model of `size`×`size` pixels and `channels` channels, as
+/// The SIMD this module's CPU path was built with: "relaxed-simd" (`ddpm-web-relaxed.wasm`,
+/// matrix products on `f32x4.relaxed_madd`) or "simd128" (`ddpm-web_bg.wasm`, every engine).
+#[wasm_bindgen(js_name = wasmSimd)]
+pub fn wasm_simd() -> String {
+    if cfg!(target_feature = "relaxed-simd") {
+        "relaxed-simd"
+    } else {
+        "simd128"
+    }
+    .to_string()
+}
+
 /// `Diffusion.fitImage` fits it: `{ rgba, size, note }`. For pages whose model lives in a Web
 /// Worker (`ddpm.js`), which fit pictures on the main thread.
 #[wasm_bindgen(js_name = fitPicture, unchecked_return_type = "{ rgba: Uint8ClampedArray; size: number; note?: string }")]

@@ -72,6 +72,8 @@ mod backward;
 mod conv;
 mod gemm;
 mod output;
+#[cfg(any(test, all(target_arch = "wasm32", target_feature = "relaxed-simd")))]
+mod relaxed_gemm;
 
 /// The fused operations as a backend extension: flex has the kernels, `Autodiff<Flex>` adds
 /// their backward passes (`backward`, with feature `flex-kernels`; the wasm module takes

@@ -1,8 +1,8 @@
 //! Matrix products through the `gemm` crate (the GEMM that flex's own matmul calls), writing
 //! into a caller's slice: the convolutions put each image's output straight into the batch
 //! tensor, and sum weight gradients in place. `gemm::gemm` takes raw
-//! pointers; [`matmul`] and [`product_into`] check every bound first. This module and
-//! [`super::output`] are the crate's only `unsafe` code.
+//! pointers; [`matmul`] and [`product_into`] check every bound first. This module,
+//! [`super::relaxed_gemm`] and [`super::output`] are the crate's only `unsafe` code.
 #![allow(unsafe_code)]
 
 use std::mem::MaybeUninit;
@@ -173,6 +173,44 @@ const PARALLEL_FLOPS: usize = 1 << 27;
 /// `rhs.rows`, no dimension is 0, both views lie inside their slices (`in_bounds`) and
 /// `dst_row_stride` fits `isize`.
 unsafe fn raw_gemm(
+    dst: *mut f32,
+    dst_row_stride: usize,
+    lhs: Mat,
+    rhs: Mat,
+    accumulate: bool,
+    parallel: bool,
+) {
+    #[cfg(all(target_arch = "wasm32", target_feature = "relaxed-simd"))]
+    {
+        let _ = parallel; // a worker is one thread
+        let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+        // SAFETY: the same contract as this function's.
+        unsafe {
+            super::relaxed_gemm::gemm(
+                (m, k, n),
+                dst,
+                dst_row_stride,
+                lhs.data.as_ptr(),
+                (lhs.row_stride, lhs.col_stride),
+                rhs.data.as_ptr(),
+                (rhs.row_stride, rhs.col_stride),
+                accumulate,
+            )
+        }
+    }
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "relaxed-simd")))]
+    // SAFETY: the same contract as this function's.
+    unsafe {
+        raw_gemm_crate(dst, dst_row_stride, lhs, rhs, accumulate, parallel)
+    };
+}
+
+/// [`raw_gemm`] through the `gemm` crate.
+///
+/// # Safety
+/// As [`raw_gemm`].
+#[cfg(not(all(target_arch = "wasm32", target_feature = "relaxed-simd")))]
+unsafe fn raw_gemm_crate(
     dst: *mut f32,
     dst_row_stride: usize,
     lhs: Mat,
