@@ -180,76 +180,58 @@ unsafe fn raw_gemm(
     accumulate: bool,
     parallel: bool,
 ) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    // The relaxed-SIMD wasm module: the project's own GEMM on fused multiply-adds; a worker is
+    // one thread.
     #[cfg(all(target_arch = "wasm32", target_feature = "relaxed-simd"))]
-    {
-        let _ = parallel; // a worker is one thread
-        let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-        // SAFETY: the same contract as this function's.
-        unsafe {
-            super::relaxed_gemm::gemm(
-                (m, k, n),
-                dst,
-                dst_row_stride,
-                lhs.data.as_ptr(),
-                (lhs.row_stride, lhs.col_stride),
-                rhs.data.as_ptr(),
-                (rhs.row_stride, rhs.col_stride),
-                accumulate,
-            )
-        }
+    // SAFETY: this function's contract.
+    unsafe {
+        let _ = parallel;
+        super::relaxed_gemm::gemm(
+            (m, k, n),
+            dst,
+            dst_row_stride,
+            lhs.data.as_ptr(),
+            (lhs.row_stride, lhs.col_stride),
+            rhs.data.as_ptr(),
+            (rhs.row_stride, rhs.col_stride),
+            accumulate,
+        )
     }
     #[cfg(not(all(target_arch = "wasm32", target_feature = "relaxed-simd")))]
-    // SAFETY: the same contract as this function's.
-    unsafe {
-        raw_gemm_crate(dst, dst_row_stride, lhs, rhs, accumulate, parallel)
-    };
-}
-
-/// [`raw_gemm`] through the `gemm` crate.
-///
-/// # Safety
-/// As [`raw_gemm`].
-#[cfg(not(all(target_arch = "wasm32", target_feature = "relaxed-simd")))]
-unsafe fn raw_gemm_crate(
-    dst: *mut f32,
-    dst_row_stride: usize,
-    lhs: Mat,
-    rhs: Mat,
-    accumulate: bool,
-    parallel: bool,
-) {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    let parallel = parallel && 2 * m * n * k >= PARALLEL_FLOPS;
-    let parallelism = if parallel {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the caller's contract above; `lhs` (m × k) and `rhs` (k × n) are shared borrows
-    // whose every element offset lies inside their slices, with strides that fit `isize`; f32 is
-    // one of the types `gemm::gemm` implements.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_row_stride as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            if accumulate { 1.0f32 } else { 0.0 },
-            1.0f32,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+    {
+        let parallel = parallel && 2 * m * n * k >= PARALLEL_FLOPS;
+        let parallelism = if parallel {
+            gemm::Parallelism::Rayon(0)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: the caller's contract above; `lhs` (m × k) and `rhs` (k × n) are shared borrows
+        // whose every element offset lies inside their slices, with strides that fit `isize`; f32 is
+        // one of the types `gemm::gemm` implements.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst,
+                1,
+                dst_row_stride as isize,
+                accumulate,
+                lhs.data.as_ptr(),
+                lhs.col_stride as isize,
+                lhs.row_stride as isize,
+                rhs.data.as_ptr(),
+                rhs.col_stride as isize,
+                rhs.row_stride as isize,
+                if accumulate { 1.0f32 } else { 0.0 },
+                1.0f32,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
     }
 }
 
