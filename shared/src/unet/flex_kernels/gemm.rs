@@ -180,26 +180,17 @@ unsafe fn raw_gemm(
     accumulate: bool,
     parallel: bool,
 ) {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     // The relaxed-SIMD wasm module: the project's own GEMM on fused multiply-adds; a worker is
     // one thread.
     #[cfg(all(target_arch = "wasm32", target_feature = "relaxed-simd"))]
     // SAFETY: this function's contract.
     unsafe {
         let _ = parallel;
-        super::relaxed_gemm::gemm(
-            (m, k, n),
-            dst,
-            dst_row_stride,
-            lhs.data.as_ptr(),
-            (lhs.row_stride, lhs.col_stride),
-            rhs.data.as_ptr(),
-            (rhs.row_stride, rhs.col_stride),
-            accumulate,
-        )
+        super::relaxed_gemm::gemm(dst, dst_row_stride, lhs, rhs, accumulate)
     }
     #[cfg(not(all(target_arch = "wasm32", target_feature = "relaxed-simd")))]
     {
+        let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
         let parallel = parallel && 2 * m * n * k >= PARALLEL_FLOPS;
         let parallelism = if parallel {
             gemm::Parallelism::Rayon(0)

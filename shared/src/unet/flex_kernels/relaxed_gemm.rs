@@ -10,6 +10,7 @@
 //! natively only for its tests, on four plain lanes with the same packing and loops.
 #![allow(unsafe_code)]
 
+use super::gemm::Mat;
 use lanes::F4;
 
 /// Rows of a micro-tile: one broadcast value each per step of the inner dimension.
@@ -90,25 +91,27 @@ mod lanes {
     }
 }
 
-/// `dst (+)= lhs · rhs` for an `m × k` left-hand side and a `k × n` right-hand side given by
-/// pointers and element strides, `dst` row-major with rows `dst_row_stride` apart.
+/// `dst (+)= lhs · rhs`, `dst` row-major with rows `dst_row_stride` apart.
 ///
 /// # Safety
-/// As `super::gemm::raw_gemm`: `dst` holds `m` rows of `n` writable floats, `dst_row_stride`
-/// apart, not overlapping the inputs and initialised when `accumulate`; every element
-/// `lhs[i · lhs_rs + p · lhs_cs]` and `rhs[p · rhs_rs + j · rhs_cs]` is readable; no dimension
-/// is 0.
-#[allow(clippy::too_many_arguments)]
+/// As `super::gemm::raw_gemm`: `dst` holds `lhs.rows` rows of `rhs.cols` writable floats,
+/// `dst_row_stride` apart, not overlapping the inputs and initialised when `accumulate`;
+/// `lhs.cols` equals `rhs.rows`; both views lie inside their slices; no dimension is 0.
 pub(super) unsafe fn gemm(
-    (m, k, n): (usize, usize, usize),
     dst: *mut f32,
     dst_row_stride: usize,
-    lhs: *const f32,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const f32,
-    (rhs_rs, rhs_cs): (usize, usize),
+    lhs: Mat,
+    rhs: Mat,
     accumulate: bool,
 ) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    let (lhs_rs, lhs_cs, rhs_rs, rhs_cs) = (
+        lhs.row_stride,
+        lhs.col_stride,
+        rhs.row_stride,
+        rhs.col_stride,
+    );
+    let (lhs, rhs) = (lhs.data.as_ptr(), rhs.data.as_ptr());
     let n_panels = n.div_ceil(NR);
     let mut packed_rhs = vec![0.0f32; KC.min(k) * n_panels * NR];
     let mut packed_lhs = vec![0.0f32; KC.min(k) * MC.min(m).next_multiple_of(MR)];
@@ -261,13 +264,16 @@ mod tests {
                 // SAFETY: every view lies inside its vector; dst has m rows of `stride` floats.
                 unsafe {
                     gemm(
-                        (m, k, n),
                         dst.as_mut_ptr(),
                         stride,
-                        lhs.as_ptr(),
-                        (lhs_rs, lhs_cs),
-                        rhs.as_ptr(),
-                        (n, 1),
+                        Mat {
+                            data: &lhs,
+                            rows: m,
+                            cols: k,
+                            row_stride: lhs_rs,
+                            col_stride: lhs_cs,
+                        },
+                        Mat::row_major(&rhs, k, n),
                         accumulate,
                     )
                 };
