@@ -183,13 +183,14 @@ pub struct TrainArgs {
     /// Images per batch.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
-    /// Peak learning rate (AdamW).
+    /// Peak learning rate (AdamW). With --resume: a new peak from the resumed step on
     #[arg(long, default_value_t = 2e-4)]
     pub lr: f64,
     /// Linear learning-rate warm-up steps.
     #[arg(long, default_value_t = 500)]
     pub warmup: u64,
-    /// Learning-rate shape after warm-up.
+    /// Learning-rate shape after warm-up. With --resume: a new shape from the resumed step on
+    /// (e.g. cosine decay to zero at --steps to finish a run trained at a constant rate)
     #[arg(long, value_enum, default_value = "constant")]
     pub lr_schedule: LrSchedule,
     /// Clip each parameter's gradient to this L2 norm (0 disables).
@@ -288,9 +289,12 @@ fn same_architecture(a: &UNetConfig, b: &UNetConfig) -> bool {
     strip(a) == strip(b)
 }
 
-/// Run settings that --resume may change: they do not alter what is trained.
-const RESUME_SETTINGS: [&str; 9] = [
+/// Run settings that --resume may change: they do not alter what is trained (the model, the
+/// data, the loss), only how long and at what learning rate it goes on, and what is written.
+const RESUME_SETTINGS: [&str; 11] = [
     "resume",
+    "lr",
+    "lr_schedule",
     "out",
     "steps",
     "backend",
@@ -370,13 +374,7 @@ fn contradictions(args: &TrainArgs, config: &RunConfig) -> Vec<(String, String, 
                 )
             }
             "batch_size" => plain(&args.batch_size, &config.batch_size),
-            "lr" => plain(&args.lr, &config.lr),
             "warmup" => plain(&args.warmup, &config.warmup),
-            "lr_schedule" => (
-                flag_value(&args.lr_schedule),
-                flag_value(&config.lr_schedule),
-                args.lr_schedule == config.lr_schedule,
-            ),
             "grad_clip" => plain(&args.grad_clip, &config.grad_clip),
             "ema_decay" => plain(&args.ema_decay, &config.ema_decay),
             "hflip" => (
@@ -424,6 +422,17 @@ fn resume_config(args: &TrainArgs, dir: &Path, mut config: RunConfig) -> Result<
     let given = |id: &str| args.given.iter().any(|g| g == id);
     if let Some(steps) = args.steps {
         config.steps = steps;
+    }
+    if given("lr") {
+        ensure!(
+            args.lr.is_finite() && args.lr > 0.0,
+            "--lr must be a positive number (got {})",
+            args.lr
+        );
+        config.lr = args.lr;
+    }
+    if given("lr_schedule") {
+        config.lr_schedule = args.lr_schedule;
     }
     if given("log_every") {
         config.log_every = args.log_every.max(1);

@@ -397,3 +397,78 @@ fn bad_states_and_flags_are_refused() {
     child.wait().unwrap();
     assert!(text.contains("another `ddpm train` is using"), "{text}");
 }
+
+/// A resumed run may take a new learning rate and shape, as the bundled model's run switched
+/// from a constant rate to cosine decay: from the resumed step on, the logged rates follow the
+/// closed form of the new schedule, the steps before keep theirs, and the run's config says so.
+/// A rate that is not positive is refused before anything is written.
+#[test]
+fn a_resumed_run_takes_a_new_learning_rate() {
+    let dir = temp_dir("lr");
+    let run = dir.join("run");
+    ok(&with_flags(
+        train_args(p(&run), "2"),
+        &["--sample-every", "0"],
+    ));
+    let fresh = dir.join("fresh");
+    let text = fails(&[
+        "train",
+        "--resume",
+        p(&run),
+        "--out",
+        p(&fresh),
+        "--lr",
+        "0",
+    ]);
+    assert!(text.contains("--lr must be a positive number"), "{text}");
+    assert!(!fresh.exists());
+
+    ok(&[
+        "train",
+        "--resume",
+        p(&run),
+        "--steps",
+        "6",
+        "--lr",
+        "1e-3",
+        "--lr-schedule",
+        "cosine",
+        "--backend",
+        "cpu",
+    ]);
+    let rates: Vec<(u64, f64)> = std::fs::read_to_string(run.join("loss.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let parts: Vec<&str> = l.split(',').collect();
+            (parts[0].parse().unwrap(), parts[2].parse().unwrap())
+        })
+        .collect();
+    // Logged step k trained at 0-based step k - 1. Warm-up (2 steps) at the old peak 2e-4,
+    // then cosine from the new peak 1e-3 over steps 2..6.
+    let expected = |k: u64| -> f64 {
+        let s = k - 1;
+        if s < 2 {
+            2e-4 * (s + 1) as f64 / 2.0
+        } else {
+            let progress = (s - 2) as f64 / 4.0;
+            1e-3 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
+    };
+    assert_eq!(
+        rates.iter().map(|r| r.0).collect::<Vec<_>>(),
+        (1..=6).collect::<Vec<_>>()
+    );
+    for (k, lr) in rates {
+        let want = expected(k);
+        assert!(
+            (lr - want).abs() < 1e-12,
+            "step {k}: lr {lr}, expected {want}"
+        );
+    }
+    let config = std::fs::read_to_string(run.join("config.json")).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["lr"], 1e-3);
+    assert_eq!(config["lr_schedule"], "cosine");
+}
