@@ -424,11 +424,7 @@ fn resume_config(args: &TrainArgs, dir: &Path, mut config: RunConfig) -> Result<
         config.steps = steps;
     }
     if given("lr") {
-        ensure!(
-            args.lr.is_finite() && args.lr > 0.0,
-            "--lr must be a positive number (got {})",
-            args.lr
-        );
+        check_lr(args.lr)?;
         config.lr = args.lr;
     }
     if given("lr_schedule") {
@@ -551,13 +547,19 @@ fn load_data(
     Ok(set)
 }
 
+/// `--lr` of a new run, or the new rate of a resumed one.
+fn check_lr(lr: f64) -> Result<()> {
+    ensure!(
+        lr.is_finite() && lr > 0.0,
+        "--lr must be a positive number (got {lr})"
+    );
+    Ok(())
+}
+
 /// Build the run configuration of a new run from the flags.
 fn new_config(args: &TrainArgs, set_probe: &ImageSet) -> Result<RunConfig> {
     ensure!(args.batch_size > 0, "--batch-size must be at least 1");
-    ensure!(
-        args.lr.is_finite() && args.lr > 0.0,
-        "--lr must be a positive number"
-    );
+    check_lr(args.lr)?;
     ensure!(
         (0.0..1.0).contains(&args.p_uncond),
         "--p-uncond must be in [0, 1)"

@@ -11,14 +11,19 @@ use common::{DDPM, fails, ok, p, temp_dir, train_args, with_flags};
 
 /// (step, loss) rows of a run's loss log.
 fn losses(run: &Path) -> Vec<(u64, f64)> {
+    loss_log(run, 1)
+}
+
+/// (step, value of `column`) rows of a run's loss log (`step,loss,lr`).
+fn loss_log(run: &Path, column: usize) -> Vec<(u64, f64)> {
     std::fs::read_to_string(run.join("loss.csv"))
         .unwrap()
         .lines()
         .skip(1)
         .filter_map(|l| {
             // A row being written by a running trainer may be incomplete.
-            let mut parts = l.split(',');
-            Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+            let parts: Vec<&str> = l.split(',').collect();
+            Some((parts[0].parse().ok()?, parts.get(column)?.parse().ok()?))
         })
         .collect()
 }
@@ -436,15 +441,7 @@ fn a_resumed_run_takes_a_new_learning_rate() {
         "--backend",
         "cpu",
     ]);
-    let rates: Vec<(u64, f64)> = std::fs::read_to_string(run.join("loss.csv"))
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let parts: Vec<&str> = l.split(',').collect();
-            (parts[0].parse().unwrap(), parts[2].parse().unwrap())
-        })
-        .collect();
+    let rates = loss_log(&run, 2);
     // Logged step k trained at 0-based step k - 1. Warm-up (2 steps) at the old peak 2e-4,
     // then cosine from the new peak 1e-3 over steps 2..6.
     let expected = |k: u64| -> f64 {
