@@ -75,6 +75,8 @@ mod output;
 #[cfg(any(test, all(target_arch = "wasm32", target_feature = "relaxed-simd")))]
 mod relaxed_gemm;
 
+pub use gemm::matmul_flops;
+
 /// The fused operations as a backend extension: flex has the kernels, `Autodiff<Flex>` adds
 /// their backward passes (`backward`, with feature `flex-kernels`; the wasm module takes
 /// `flex-kernels-forward`, which has no autodiff).

@@ -6,6 +6,19 @@
 #![allow(unsafe_code)]
 
 use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Floating-point operations (2·m·n·k per product) of every product through [`raw_gemm`] in this
+/// process; [`matmul_flops`] reads it.
+static FLOPS: AtomicU64 = AtomicU64::new(0);
+
+/// The floating-point operations the kernels' matrix products have done in this process so far
+/// (2·m·n·k per product of m × k by k × n): the convolutions and attention's score products,
+/// not burn's own matmuls (the linear layers). The difference over a forward pass is its GEMM
+/// work, which `examples/simd_ceiling.rs` divides by its time.
+pub fn matmul_flops() -> u64 {
+    FLOPS.load(Ordering::Relaxed)
+}
 
 /// A strided view of a float32 matrix: element `(i, j)` is `data[i · row_stride + j · col_stride]`.
 #[derive(Clone, Copy, Debug)]
@@ -180,6 +193,8 @@ unsafe fn raw_gemm(
     accumulate: bool,
     parallel: bool,
 ) {
+    let flops = 2 * lhs.rows as u64 * lhs.cols as u64 * rhs.cols as u64;
+    FLOPS.fetch_add(flops, Ordering::Relaxed);
     // The relaxed-SIMD wasm module: the project's own GEMM on fused multiply-adds; a worker is
     // one thread.
     #[cfg(all(target_arch = "wasm32", target_feature = "relaxed-simd"))]
@@ -303,6 +318,24 @@ mod tests {
             let got = dst[i * n + j] as f64;
             assert!((got - want).abs() < 1e-3, "({i}, {j}): {got} vs {want}");
         }
+    }
+
+    /// A product adds its 2·m·k·n to the count (other tests' products may land in between).
+    #[test]
+    fn products_are_counted() {
+        let (m, k, n) = (3, 5, 7);
+        let (a, b) = (vec![1.0f32; m * k], vec![2.0f32; k * n]);
+        let mut c = vec![0.0f32; m * n];
+        let before = matmul_flops();
+        matmul(
+            MatMut::row_major(&mut c, m, n),
+            Mat::row_major(&a, m, k),
+            Mat::row_major(&b, k, n),
+            false,
+            false,
+        );
+        assert!(matmul_flops() - before >= (2 * m * k * n) as u64);
+        assert_eq!(c, vec![10.0f32; m * n]);
     }
 
     #[test]
