@@ -563,11 +563,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
     // Training images: the first n for the floor row, and enough of each class for the
     // per-class floors.
     let train_used = train.len().min(n.max(10_000));
-    let (train_features, _) = classify(
+    let (train_features, train_predicted) = classify(
         &classifier,
         &train.pixels[..train_used * SIDE * SIDE],
         &device,
     );
+    // What a model that drew its training images exactly would score on class recognition.
+    let train_accuracy = accuracy(&train_predicted, &train.labels[..train_used]);
     let some_test = &test.pixels[..n.min(test.len()) * SIDE * SIDE];
     let mut noisy = some_test.to_vec();
     let noise = SeededNoise::new(args.seed).sample_vec(noisy.len());
@@ -644,11 +646,38 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let class_accuracy = (!requested.is_empty()).then(|| {
         let a = accuracy(&sample_predicted, &requested);
         println!(
-            "requested class recognised in {:.1}% of the samples",
-            100.0 * a
+            "requested class recognised in {:.1}% of the samples (the classifier recognises {:.1}% of the first {train_used} training images' classes, {:.1}% of the test images')",
+            100.0 * a,
+            100.0 * train_accuracy,
+            100.0 * test_accuracy
         );
         a
     });
+    let per_class_recognised: Vec<(String, f64)> = (0..test.class_names.len())
+        .filter_map(|c| {
+            let (asked, right) = requested.iter().zip(&sample_predicted).fold(
+                (0usize, 0usize),
+                |(asked, right), (&r, &p)| {
+                    let asked_c = r as usize == c;
+                    (
+                        asked + asked_c as usize,
+                        right + (asked_c && p == c) as usize,
+                    )
+                },
+            );
+            (asked > 0).then(|| (test.class_names[c].clone(), right as f64 / asked as f64))
+        })
+        .collect();
+    if !per_class_recognised.is_empty() {
+        println!(
+            "recognised per requested class: {}",
+            per_class_recognised
+                .iter()
+                .map(|(name, a)| format!("{name} {:.0}%", 100.0 * a))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let per_class = per_class_distances(
         &sample_features,
         &requested,
@@ -681,9 +710,15 @@ pub fn run(args: EvalArgs) -> Result<()> {
             "steps": args.steps,
             "guidance": args.guidance,
             "classifier_test_accuracy": test_accuracy,
+            "classifier_train_accuracy": train_accuracy,
+            "train_images_classified": train_used,
             "rows": rows,
             "class_histogram": histogram,
             "requested_class_accuracy": class_accuracy,
+            "requested_class_accuracy_by_class": per_class_recognised
+                .iter()
+                .map(|(name, a)| (name.clone(), serde_json::Value::from(*a)))
+                .collect::<serde_json::Map<_, _>>(),
             "precision_recall_k": PR_K,
             "per_class": per_class,
             "per_class_mean": (!per_class.is_empty())

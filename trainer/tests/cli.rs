@@ -222,6 +222,23 @@ fn eval_reports_each_class_of_a_conditional_model() {
     }
     let accuracy = report["requested_class_accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&accuracy));
+    // Each class was asked for equally often, so the overall rate is the mean of the classes'.
+    let by_class = report["requested_class_accuracy_by_class"]
+        .as_object()
+        .unwrap();
+    assert_eq!(by_class.len(), 10, "{by_class:?}");
+    let class_mean = by_class.values().map(|a| a.as_f64().unwrap()).sum::<f64>() / 10.0;
+    assert!(
+        (class_mean - accuracy).abs() < 1e-9,
+        "{by_class:?} vs {accuracy}"
+    );
+    // The classifier on its own training images: what drawing them exactly would score.
+    let train_accuracy = report["classifier_train_accuracy"].as_f64().unwrap();
+    assert!(
+        train_accuracy > 0.85 && train_accuracy <= 1.0,
+        "{train_accuracy}"
+    );
+    assert_eq!(report["train_images_classified"].as_u64(), Some(10_000));
     let mean = report["per_class_mean"].as_f64().unwrap();
     let expected = classes
         .iter()
