@@ -51,68 +51,33 @@ mod peak {
 
     const CHAINS: usize = 12;
 
-    /// GFLOP/s of `iters` rounds of 12 independent 4-lane FMAs.
-    ///
-    /// # Safety
-    /// The CPU has FMA (checked by the caller).
-    #[target_feature(enable = "avx,fma")]
-    unsafe fn lanes4(iters: u64) -> f64 {
-        let (x, y) = (_mm_set1_ps(black_box(0.999)), _mm_set1_ps(black_box(1e-4)));
-        let mut acc = [_mm_set1_ps(1.0); CHAINS];
-        let start = Instant::now();
-        for _ in 0..iters {
-            for a in acc.iter_mut() {
-                *a = _mm_fmadd_ps(*a, x, y);
+    /// `unsafe fn $name(iters) -> GFLOP/s`: `iters` rounds of 12 independent FMAs on `$lanes`
+    /// lanes, with `$set1` and `$fmadd` of that width, compiled for `$features`.
+    macro_rules! fma_peak {
+        ($name:ident, $lanes:literal, $features:literal, $set1:ident, $fmadd:ident) => {
+            #[doc = concat!("GFLOP/s of `iters` rounds of 12 independent ", $lanes, "-lane FMAs.")]
+            ///
+            /// # Safety
+            #[doc = concat!("The CPU has ", $features, " (checked by the caller).")]
+            #[target_feature(enable = $features)]
+            unsafe fn $name(iters: u64) -> f64 {
+                let (x, y) = ($set1(black_box(0.999)), $set1(black_box(1e-4)));
+                let mut acc = [$set1(1.0); CHAINS];
+                let start = Instant::now();
+                for _ in 0..iters {
+                    for a in acc.iter_mut() {
+                        *a = $fmadd(*a, x, y);
+                    }
+                }
+                let s = start.elapsed().as_secs_f64();
+                black_box(acc);
+                (iters * CHAINS as u64 * $lanes * 2) as f64 / s / 1e9
             }
-        }
-        let s = start.elapsed().as_secs_f64();
-        black_box(acc);
-        (iters * CHAINS as u64 * 4 * 2) as f64 / s / 1e9
+        };
     }
-
-    /// The same with 8 lanes.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn lanes8(iters: u64) -> f64 {
-        let (x, y) = (
-            _mm256_set1_ps(black_box(0.999)),
-            _mm256_set1_ps(black_box(1e-4)),
-        );
-        let mut acc = [_mm256_set1_ps(1.0); CHAINS];
-        let start = Instant::now();
-        for _ in 0..iters {
-            for a in acc.iter_mut() {
-                *a = _mm256_fmadd_ps(*a, x, y);
-            }
-        }
-        let s = start.elapsed().as_secs_f64();
-        black_box(acc);
-        (iters * CHAINS as u64 * 8 * 2) as f64 / s / 1e9
-    }
-
-    /// The same with 16 lanes.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn lanes16(iters: u64) -> f64 {
-        let (x, y) = (
-            _mm512_set1_ps(black_box(0.999)),
-            _mm512_set1_ps(black_box(1e-4)),
-        );
-        let mut acc = [_mm512_set1_ps(1.0); CHAINS];
-        let start = Instant::now();
-        for _ in 0..iters {
-            for a in acc.iter_mut() {
-                *a = _mm512_fmadd_ps(*a, x, y);
-            }
-        }
-        let s = start.elapsed().as_secs_f64();
-        black_box(acc);
-        (iters * CHAINS as u64 * 16 * 2) as f64 / s / 1e9
-    }
+    fma_peak!(lanes4, 4, "avx,fma", _mm_set1_ps, _mm_fmadd_ps);
+    fma_peak!(lanes8, 8, "avx2,fma", _mm256_set1_ps, _mm256_fmadd_ps);
+    fma_peak!(lanes16, 16, "avx512f", _mm512_set1_ps, _mm512_fmadd_ps);
 
     /// The median peak GFLOP/s at each width the CPU has: `(lanes, GFLOP/s)`.
     pub fn measure() -> Vec<(usize, f64)> {

@@ -655,17 +655,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
     });
     let per_class_recognised: Vec<(String, f64)> = (0..test.class_names.len())
         .filter_map(|c| {
-            let (asked, right) = requested.iter().zip(&sample_predicted).fold(
-                (0usize, 0usize),
-                |(asked, right), (&r, &p)| {
-                    let asked_c = r as usize == c;
-                    (
-                        asked + asked_c as usize,
-                        right + (asked_c && p == c) as usize,
-                    )
-                },
-            );
-            (asked > 0).then(|| (test.class_names[c].clone(), right as f64 / asked as f64))
+            let (predicted, asked): (Vec<usize>, Vec<u32>) = sample_predicted
+                .iter()
+                .zip(&requested)
+                .filter(|&(_, &r)| r as usize == c)
+                .unzip();
+            (!asked.is_empty()).then(|| (test.class_names[c].clone(), accuracy(&predicted, &asked)))
         })
         .collect();
     if !per_class_recognised.is_empty() {
