@@ -239,6 +239,21 @@ fn eval_reports_each_class_of_a_conditional_model() {
         "{train_accuracy}"
     );
     assert_eq!(report["train_images_classified"].as_u64(), Some(10_000));
+    // The test set holds 1,000 images of each class, so its classes' rates average to its rate.
+    let test_by_class = report["classifier_test_accuracy_by_class"]
+        .as_object()
+        .unwrap();
+    assert_eq!(test_by_class.len(), 10, "{test_by_class:?}");
+    let test_mean = test_by_class
+        .values()
+        .map(|a| a.as_f64().unwrap())
+        .sum::<f64>()
+        / 10.0;
+    let test_accuracy = report["classifier_test_accuracy"].as_f64().unwrap();
+    assert!(
+        (test_mean - test_accuracy).abs() < 1e-9,
+        "{test_by_class:?} vs {test_accuracy}"
+    );
     let mean = report["per_class_mean"].as_f64().unwrap();
     let expected = classes
         .iter()
