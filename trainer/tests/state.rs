@@ -112,7 +112,19 @@ fn newest_checkpoint(run: &Path) -> PathBuf {
 /// with its optimizer moments and EMA: the committed files are not touched.
 #[test]
 fn the_committed_state_continues() {
-    let state = Path::new(env!("CARGO_MANIFEST_DIR")).join("../training/fashion-mnist");
+    committed_state_continues("fashion-mnist");
+}
+
+/// The same for the committed state of the `small` UNet's run (docs/recipes.md).
+#[test]
+fn the_committed_small_state_continues() {
+    committed_state_continues("fashion-mnist-small");
+}
+
+fn committed_state_continues(name: &str) {
+    let state = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../training")
+        .join(name);
     assert!(
         state.join("config.json").is_file(),
         "no committed state at {}",
@@ -123,7 +135,7 @@ fn the_committed_state_continues() {
     let step: u64 = stored.file_name().unwrap().to_str().unwrap()[5..]
         .parse()
         .unwrap();
-    let dir = temp_dir("committed");
+    let dir = temp_dir(&format!("committed-{name}"));
     let run = dir.join("run");
     let target = (step + 2).to_string();
     let text = ok(&[
