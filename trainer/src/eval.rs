@@ -149,6 +149,14 @@ fn accuracy_by_class(
         .collect()
 }
 
+/// Per-class rates as a JSON object keyed by class name.
+fn by_name(rates: &[(String, f64)]) -> serde_json::Map<String, serde_json::Value> {
+    rates
+        .iter()
+        .map(|(name, a)| (name.clone(), (*a).into()))
+        .collect()
+}
+
 fn accuracy(predicted: &[usize], labels: &[u32]) -> f64 {
     let right = predicted
         .iter()
@@ -724,18 +732,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
             "guidance": args.guidance,
             "classifier_test_accuracy": test_accuracy,
             "classifier_train_accuracy": train_accuracy,
-            "classifier_test_accuracy_by_class": test_by_class
-                .iter()
-                .map(|(name, a)| (name.clone(), serde_json::Value::from(*a)))
-                .collect::<serde_json::Map<_, _>>(),
+            "classifier_test_accuracy_by_class": by_name(&test_by_class),
             "train_images_classified": train_used,
             "rows": rows,
             "class_histogram": histogram,
             "requested_class_accuracy": class_accuracy,
-            "requested_class_accuracy_by_class": per_class_recognised
-                .iter()
-                .map(|(name, a)| (name.clone(), serde_json::Value::from(*a)))
-                .collect::<serde_json::Map<_, _>>(),
+            "requested_class_accuracy_by_class": by_name(&per_class_recognised),
             "precision_recall_k": PR_K,
             "per_class": per_class,
             "per_class_mean": (!per_class.is_empty())
