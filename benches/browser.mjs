@@ -1,7 +1,6 @@
 // The CPU fallback in the browser against the native binary, from one run on one machine:
 //
 //   node benches/browser.mjs [dist] [--ddpm target/release/ddpm] [--steps 10] [--json out.json]
-//     [--ceiling target/release/examples/simd_ceiling]
 //
 // Headless Chromium without WebGPU samples the bundled model (DDIM) at n = 4 with guidance 2 and
 // at n = 16 without, on 1 worker and on one worker per core, with each wasm module: the
@@ -11,12 +10,12 @@
 // times the same forwards natively (an 8- and a 16-image batch, the same model file) on 1 thread
 // and on all threads. Prints both and their ratios, and the time the page takes for its default
 // grid (Generate pressed, the page's own settings). Needs `trunk build --release` output in
-// dist/ and a built `ddpm`. Where the `simd_ceiling` example is built (`cargo build --release
-// -p ddpm-trainer --example simd_ceiling`), it also prints what bounds the ratios: one core's
-// peak fused multiply-add rate at 4 lanes (the width of every WebAssembly SIMD instruction) and
-// at the CPU's widest, the matrix products' GFLOP per forward, and the rate each side reached.
+// dist/ and a built `ddpm`. Then `ddpm bench --ceiling` measures what bounds the ratios: one
+// core's peak fused multiply-add rate at 4 lanes (the width of every WebAssembly SIMD
+// instruction) and at the CPU's widest, and the matrix products' GFLOP per forward; it prints
+// them with the rate each side reached.
 import { execFileSync } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { cpus, tmpdir } from "node:os";
 import { join } from "node:path";
 import puppeteer from "puppeteer-core";
@@ -30,7 +29,6 @@ const flag = (name, fallback) => {
 const ddpm = flag("--ddpm", "target/release/ddpm");
 const steps = Number(flag("--steps", "10"));
 const jsonOut = flag("--json", null);
-const ceilingExe = flag("--ceiling", "target/release/examples/simd_ceiling");
 const dist = args[0] ?? "dist";
 const model = join(dist, "fashion-mnist.safetensors");
 const cores = cpus().length;
@@ -147,17 +145,16 @@ console.log(`the page's default grid without WebGPU (${grid.defaults}; ${cores} 
   `${(grid.ms / 1000).toFixed(1)} s from Generate to the finished grid, first preview after ${grid.first.toFixed(0)} ms (median of 3)`);
 
 // What bounds the ratios: the 4-lane peak against the rates reached.
-let ceiling = null;
-if (existsSync(ceilingExe)) {
-  ceiling = {};
-  for (const c of cases) {
-    ceiling[c.batch] = JSON.parse(execFileSync(ceilingExe, [model, String(c.batch), "--json"], { encoding: "utf8" }));
-  }
-  const peaks = ceiling[cases[0].batch].peak_gflops_by_lanes;
+const ceilingOut = join(mkdtempSync(join(tmpdir(), "ddpm-bench-")), "ceiling.json");
+execFileSync(ddpm, ["bench", "--ceiling", "--model", model, "--batch", cases.map((c) => c.batch).join(","),
+  "--json", ceilingOut], { stdio: ["ignore", "ignore", "inherit"] });
+const ceiling = JSON.parse(readFileSync(ceilingOut, "utf8"));
+const peaks = ceiling.peak_gflops_by_lanes;
+if (peaks[4] !== undefined) {
   const widest = Math.max(...Object.keys(peaks).map(Number));
   console.log(`one core's peak f32 FMA rate: ${Object.entries(peaks).map(([l, g]) => `${l} lanes ${g.toFixed(1)}`).join(", ")} GFLOP/s`);
   for (const c of cases) {
-    const { matmul_gflop: gflop } = ceiling[c.batch];
+    const gflop = ceiling.forwards.find((f) => f.batch === c.batch).matmul_gflop;
     const share = (ms, peak) => `${(gflop / ms).toFixed(1)} GFLOP/s (${((100 * gflop / ms) / peak).toFixed(0)} % of the peak)`;
     const native = nativeMs[`${c.batch}/1`];
     const parts = [`${c.batch} images: matrix products ${gflop.toFixed(2)} GFLOP per forward; native 1 thread ${share(native / 1000, peaks[widest])} at ${widest} lanes`];

@@ -158,6 +158,17 @@ pub struct BenchArgs {
     /// Also write every measurement as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Instead of the cases, measure what bounds the page's CPU fallback: one core's peak f32
+    /// fused multiply-add rate at 4 lanes (the width of every WebAssembly SIMD instruction), 8
+    /// and 16, and one native forward pass per --batch on one thread with the GFLOP of its
+    /// matrix products (`benches/browser.mjs` runs it).
+    /// The forward runs on the CPU, as the page's fallback does; the other timing flags do not
+    /// apply.
+    #[arg(long, conflicts_with_all = [
+        "phases", "repeats", "rounds", "warmup", "min_repeat_secs", "sample_steps", "backend",
+        "threads", "python", "no_reference",
+    ])]
+    pub ceiling: bool,
 }
 
 /// `ddpm bench-worker` flags: one case of our side, run by `ddpm bench` in a fresh process.
@@ -741,6 +752,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             (path, model, info, format!("the {name} preset"))
         }
     };
+    if args.ceiling {
+        return crate::ceiling::run(&model, &info, &label, &args.batch, args.json.as_deref());
+    }
     let u = &info.unet;
     let params = model_file::num_params(&model);
     let config = format!(

@@ -3,6 +3,7 @@
 
 mod backend;
 mod bench;
+mod ceiling;
 mod checkpoint;
 mod data;
 mod edit;

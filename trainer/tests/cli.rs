@@ -948,3 +948,77 @@ fn edit_commands_inpaint_vary_and_interpolate() {
     }
     assert!(!untouched.exists(), "a refused command wrote its output");
 }
+
+/// Floating-point operations of the matrix products in one forward pass of one image through
+/// the fashion-mnist preset (the tiny UNet: levels of 32 and 64 channels at 28×28 and 14×14,
+/// one ResNet per level, two on the way up, attention with two heads of 32 at 14×14), counted
+/// layer by layer: 2 · (multiply-adds) of every convolution (3×3, and the 1×1 shortcuts where a
+/// ResNet changes its channels) and of attention's two products (QKᵀ and the weighted values).
+fn tiny_forward_flops() -> u64 {
+    // 2 · c_out · c_in · k² · side², for a convolution with `side`×`side` outputs.
+    let conv = |c_out: u64, c_in: u64, k: u64, side: u64| 2 * c_out * c_in * k * k * side * side;
+    // A ResNet block: two 3×3 convolutions and a 1×1 shortcut when the channels change.
+    let resnet = |c_in: u64, c_out: u64, side: u64| {
+        conv(c_out, c_in, 3, side)
+            + conv(c_out, c_out, 3, side)
+            + if c_in == c_out {
+                0
+            } else {
+                conv(c_out, c_in, 1, side)
+            }
+    };
+    // QKᵀ and A·V over 14×14 = 196 positions, 2 heads of 32 channels.
+    let attention = 2 * (2 * 196 * 196 * 32 * 2);
+    let down = conv(32, 1, 3, 28) // conv_in
+        + resnet(32, 32, 28) + conv(32, 32, 3, 14) // level 0 and its stride-2 downsample
+        + resnet(32, 64, 14) + attention; // level 1
+    let mid = 2 * resnet(64, 64, 14) + attention;
+    // The way up concatenates the skip connections: 64 + 64, then 64 + 32 at 14×14, then the
+    // nearest-neighbour upsample's 3×3 convolution; 64 + 32, then 32 + 32 at 28×28.
+    let up = resnet(128, 64, 14)
+        + resnet(96, 64, 14)
+        + 2 * attention
+        + conv(64, 64, 3, 28)
+        + resnet(96, 32, 28)
+        + resnet(64, 32, 28)
+        + conv(1, 32, 3, 28); // conv_out
+    down + mid + up
+}
+
+#[test]
+fn bench_ceiling_counts_the_forwards_matrix_products() {
+    let dir = temp_dir("bench-ceiling");
+    let json = dir.join("ceiling.json");
+    let text = ok(&["bench", "--ceiling", "--batch", "1,3", "--json", p(&json)]);
+    assert!(text.contains("native forward of 3 images"), "{text}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let forwards = report["forwards"].as_array().unwrap();
+    assert_eq!(forwards.len(), 2, "{report}");
+    for (forward, batch) in forwards.iter().zip([1u64, 3]) {
+        assert_eq!(forward["batch"].as_u64(), Some(batch), "{report}");
+        let flops = forward["matmul_gflop"].as_f64().unwrap() * 1e9;
+        let expected = (batch * tiny_forward_flops()) as f64;
+        assert!(
+            (flops - expected).abs() < 1.0,
+            "batch {batch}: {flops} counted, {expected} by the layers"
+        );
+        assert!(forward["forward_ms"].as_f64().unwrap() > 0.0, "{report}");
+    }
+    let peaks = report["peak_gflops_by_lanes"].as_object().unwrap();
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("avx") {
+        assert!(peaks.contains_key("4"), "{report}");
+    }
+    assert!(
+        peaks.values().all(|g| g.as_f64().unwrap() > 0.0),
+        "{report}"
+    );
+
+    // The other timing flags do not apply to it.
+    let text = fails(&["bench", "--ceiling", "--backend", "cpu"]);
+    assert!(
+        text.contains("--ceiling") && text.contains("--backend"),
+        "{text}"
+    );
+}

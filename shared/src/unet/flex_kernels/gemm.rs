@@ -15,7 +15,7 @@ static FLOPS: AtomicU64 = AtomicU64::new(0);
 /// The floating-point operations the kernels' matrix products have done in this process so far
 /// (2·m·n·k per product of m × k by k × n): the convolutions and attention's score products,
 /// not burn's own matmuls (the linear layers). The difference over a forward pass is its GEMM
-/// work, which `examples/simd_ceiling.rs` divides by its time.
+/// work, which `ddpm bench --ceiling` divides by its time.
 pub fn matmul_flops() -> u64 {
     FLOPS.load(Ordering::Relaxed)
 }

@@ -1,47 +1,36 @@
-//! How fast the wasm module's CPU fallback could be on this CPU, at best, beside the native
-//! binary: every WebAssembly SIMD instruction works on 128 bits (four f32 lanes), while the
-//! native kernels use the CPU's widest vectors (AVX-512 or AVX2).
+//! `ddpm bench --ceiling`: how fast the wasm module's CPU fallback could be on this CPU, at best,
+//! beside the native binary. Every WebAssembly SIMD instruction works on 128 bits (four f32
+//! lanes), while the native kernels use the CPU's widest vectors (AVX-512 or AVX2).
 //!
 //! It measures, on one thread:
 //! - the peak rate of fused multiply-adds with 4, 8 and 16 f32 lanes (12 independent
 //!   accumulators, no memory traffic): the ceiling of any code at that width;
-//! - one UNet forward pass of the native binary (median of 7), and the floating-point operations
-//!   of its matrix products, counted by the kernels (`ddpm::unet::flex_kernels::matmul_flops`;
+//! - one UNet forward pass per batch size (median of 7), and the floating-point operations of
+//!   its matrix products, counted by the kernels (`ddpm::unet::flex_kernels::matmul_flops`;
 //!   burn's own matmuls, the linear layers, are not counted, so the figure is a lower bound).
 //!
 //! From them it prints the rate a 4-lane engine would need to run the same matrix products within
-//! a given factor of the native forward, as a share of the 4-lane peak.
-//!
-//!   cargo run --release -p ddpm-trainer --example simd_ceiling -- [MODEL] [BATCH] [--json]
-//!
-//! MODEL defaults to the bundled `web/assets/fashion-mnist.safetensors`, BATCH to 8 (the browser
-//! benchmark's 4 images with guidance). `--json` prints the figures as one JSON object instead
-//! (`benches/browser.mjs` reads it).
+//! a given factor of the native forward, as a share of the 4-lane peak. `benches/browser.mjs`
+//! reads its `--json` report.
 // The peak loops call SIMD intrinsics of the widths the CPU reports.
 #![allow(unsafe_code)]
 
+use std::fs;
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use ddpm::model_file;
+use ddpm::model_file::ModelInfo;
 use ddpm::noise::SeededNoise;
+use ddpm::unet::UNet;
 use ddpm::unet::flex_kernels::matmul_flops;
+use serde::Serialize;
 
-/// The `ddpm` binary's allocator and setting (`trainer/src/main.rs`), so the forward pass runs
-/// as it does there: without them a quarter of it went to faulting in freed pages again.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use crate::bench::median;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
+/// Timed forward passes per batch size.
+const FORWARDS: usize = 7;
 
 #[cfg(target_arch = "x86_64")]
 mod peak {
@@ -79,11 +68,14 @@ mod peak {
     fma_peak!(lanes8, 8, "avx2,fma", _mm256_set1_ps, _mm256_fmadd_ps);
     fma_peak!(lanes16, 16, "avx512f", _mm512_set1_ps, _mm512_fmadd_ps);
 
-    /// The median peak GFLOP/s at each width the CPU has: `(lanes, GFLOP/s)`.
+    /// The median peak GFLOP/s (of 5) at each width the CPU has: `(lanes, GFLOP/s)`.
     pub fn measure() -> Vec<(usize, f64)> {
         let iters = 20_000_000;
         let mut out = Vec::new();
-        let repeat = |f: &dyn Fn() -> f64| super::median((0..5).map(|_| f()).collect());
+        let repeat = |f: &dyn Fn() -> f64| {
+            let runs: Vec<f64> = (0..5).map(|_| f()).collect();
+            crate::bench::median(&runs)
+        };
         if is_x86_feature_detected!("fma") && is_x86_feature_detected!("avx") {
             // SAFETY: FMA and AVX are present (checked above).
             out.push((4, repeat(&|| unsafe { lanes4(iters) })));
@@ -108,39 +100,36 @@ mod peak {
     }
 }
 
-fn main() -> Result<()> {
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let json = args.iter().any(|a| a == "--json");
-    args.retain(|a| a != "--json");
-    let mut args = args.into_iter();
-    let model_path = args
-        .next()
-        .unwrap_or_else(|| "web/assets/fashion-mnist.safetensors".into());
-    let batch: usize = match args.next() {
-        Some(b) => b
-            .parse()
-            .with_context(|| format!("BATCH must be a positive whole number, not {b:?}"))?,
-        None => 8,
-    };
-    anyhow::ensure!(batch > 0, "BATCH must be a positive whole number, not 0");
-    // SAFETY: as in trainer/src/main.rs: one integer into mimalloc's option table (15 is
-    // `mi_option_purge_delay`; -1 never returns freed memory to the OS).
-    unsafe { libmimalloc_sys::mi_option_set(15, -1) };
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build_global()
-        .context("setting up one thread")?;
+/// One batch size's native forward.
+#[derive(Debug, Serialize)]
+struct Forward {
+    batch: usize,
+    /// Median milliseconds of one forward pass on one thread.
+    forward_ms: f64,
+    /// GFLOP of the kernels' matrix products in one forward pass.
+    matmul_gflop: f64,
+}
 
-    let peaks = peak::measure();
-    let bytes =
-        std::fs::read(&model_path).with_context(|| format!("reading model file {model_path}"))?;
+/// The `--json` report.
+#[derive(Debug, Serialize)]
+struct Report {
+    /// Peak GFLOP/s by vector width in f32 lanes ("4", "8", "16"), where the CPU has it.
+    peak_gflops_by_lanes: serde_json::Map<String, serde_json::Value>,
+    forwards: Vec<Forward>,
+}
+
+/// One forward pass of `batch` seeded-noise images at t = 500 (labels cycling through the
+/// classes of a conditional model), on the calling thread's pool: the median time of
+/// [`FORWARDS`] after two untimed ones, and the matrix products' GFLOP per pass.
+fn time_forward(model: &UNet, info: &ModelInfo, batch: usize) -> Forward {
     let device = Device::flex();
-    let (model, info) = model_file::load(&bytes, &device)?;
     let u = &info.unet;
     let shape = [batch, u.in_channels, u.sample_size, u.sample_size];
-    let mut noise = SeededNoise::new(0);
     let x = Tensor::<4>::from_data(
-        TensorData::new(noise.sample_vec(shape.iter().product()), shape),
+        TensorData::new(
+            SeededNoise::new(0).sample_vec(shape.iter().product()),
+            shape,
+        ),
         &device,
     );
     let t = Tensor::<1>::from_data(TensorData::new(vec![500.0f32; batch], [batch]), &device);
@@ -156,49 +145,84 @@ fn main() -> Result<()> {
     forward();
     forward();
     let before = matmul_flops();
-    let times: Vec<f64> = (0..7)
+    let times: Vec<f64> = (0..FORWARDS)
         .map(|_| {
             let start = Instant::now();
             forward();
             start.elapsed().as_secs_f64()
         })
         .collect();
-    let gflop = (matmul_flops() - before) as f64 / 7.0 / 1e9;
-    let s = median(times);
-    if json {
-        let peaks: serde_json::Map<String, serde_json::Value> = peaks
-            .iter()
-            .map(|(lanes, g)| (lanes.to_string(), (*g).into()))
-            .collect();
-        let report = serde_json::json!({
-            "peak_gflops_by_lanes": peaks,
-            "batch": batch,
-            "forward_ms": s * 1e3,
-            "matmul_gflop": gflop,
-        });
-        println!("{report}");
-        return Ok(());
+    Forward {
+        batch,
+        forward_ms: median(&times) * 1e3,
+        matmul_gflop: (matmul_flops() - before) as f64 / FORWARDS as f64 / 1e9,
     }
+}
+
+/// Measure the peaks and each batch's forward on one thread; print them (and write `json`).
+pub fn run(
+    model: &UNet,
+    info: &ModelInfo,
+    label: &str,
+    batches: &[usize],
+    json: Option<&Path>,
+) -> Result<()> {
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .context("setting up a one-thread pool")?;
+    let (peaks, forwards) = one.install(|| {
+        let peaks = peak::measure();
+        let forwards: Vec<Forward> = batches
+            .iter()
+            .map(|&b| time_forward(model, info, b))
+            .collect();
+        (peaks, forwards)
+    });
+
     println!("one thread; f32 fused multiply-adds, 12 independent chains, median of 5:");
+    if peaks.is_empty() {
+        println!("  (peak rates are measured on x86-64 only)");
+    }
     for (lanes, g) in &peaks {
         println!(
             "  {lanes:>2} lanes ({:>3}-bit): {g:6.1} GFLOP/s",
             lanes * 32
         );
     }
-    println!(
-        "native forward of {batch} images ({model_path}): {:.1} ms (median of 7); its matrix products: {gflop:.2} GFLOP, {:.1} GFLOP/s",
-        s * 1e3,
-        gflop / s
-    );
-    if let Some(&(_, p4)) = peaks.iter().find(|(lanes, _)| *lanes == 4) {
-        for factor in [1.5, 2.0, 3.0] {
-            let need = gflop / (factor * s);
-            println!(
-                "  within {factor}× of it, the matrix products alone need {need:5.1} GFLOP/s: {:3.0} % of the 4-lane peak",
-                100.0 * need / p4
-            );
+    let p4 = peaks.iter().find(|(lanes, _)| *lanes == 4).map(|&(_, g)| g);
+    for f in &forwards {
+        let s = f.forward_ms / 1e3;
+        println!(
+            "native forward of {} images ({label}): {:.1} ms (median of {FORWARDS}); its matrix \
+             products: {:.2} GFLOP, {:.1} GFLOP/s",
+            f.batch,
+            f.forward_ms,
+            f.matmul_gflop,
+            f.matmul_gflop / s
+        );
+        if let Some(p4) = p4 {
+            for factor in [1.5, 2.0, 3.0] {
+                let need = f.matmul_gflop / (factor * s);
+                println!(
+                    "  within {factor}× of it, the matrix products alone need {need:5.1} GFLOP/s: \
+                     {:3.0} % of the 4-lane peak",
+                    100.0 * need / p4
+                );
+            }
         }
+    }
+    if let Some(path) = json {
+        let report = Report {
+            peak_gflops_by_lanes: peaks
+                .iter()
+                .map(|(lanes, g)| (lanes.to_string(), (*g).into()))
+                .collect(),
+            forwards,
+        };
+        fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
     }
     Ok(())
 }
