@@ -222,6 +222,16 @@ fn eval_reports_each_class_of_a_conditional_model() {
     }
     let accuracy = report["requested_class_accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&accuracy));
+    // Its 95 % interval from 30 samples: around the rate, inside [0, 1], and wide (at least
+    // ±10 points away from the ends: 1.96·√(p(1−p)/30) is 0.14 at p = 0.5).
+    let interval = report["requested_class_accuracy_interval95"]
+        .as_array()
+        .unwrap();
+    let (low, high) = (interval[0].as_f64().unwrap(), interval[1].as_f64().unwrap());
+    assert!(
+        0.0 <= low && low <= accuracy && accuracy <= high && high <= 1.0 && high - low > 0.1,
+        "{interval:?} around {accuracy}"
+    );
     // Each class was asked for equally often, so the overall rate is the mean of the classes'.
     let by_class = report["requested_class_accuracy_by_class"]
         .as_object()
