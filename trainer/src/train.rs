@@ -183,14 +183,17 @@ pub struct TrainArgs {
     /// Images per batch.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
-    /// Peak learning rate (AdamW). With --resume: a new peak from the resumed step on
+    /// Peak learning rate (AdamW). With --resume: a new peak for the run's rate curve, which
+    /// goes on at its value for the resumed step (printed when training starts)
     #[arg(long, default_value_t = 2e-4)]
     pub lr: f64,
     /// Linear learning-rate warm-up steps.
     #[arg(long, default_value_t = 500)]
     pub warmup: u64,
-    /// Learning-rate shape after warm-up. With --resume: a new shape from the resumed step on
-    /// (e.g. cosine decay to zero at --steps to finish a run trained at a constant rate)
+    /// Learning-rate shape after warm-up. With --resume: a new shape for the run's rate curve,
+    /// which goes on at its value for the resumed step (e.g. cosine decay to zero at --steps to
+    /// finish a run trained at a constant rate; a cosine runs from the warm-up's end, so it
+    /// takes over below its peak)
     #[arg(long, value_enum, default_value = "constant")]
     pub lr_schedule: LrSchedule,
     /// Clip each parameter's gradient to this L2 norm (0 disables).
@@ -506,6 +509,23 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
+    /// The rate at (0-based) step `step` and where the curve goes from there, for the resume
+    /// message.
+    pub fn describe_rate(&self, step: u64) -> String {
+        let rate = self.lr_at(step);
+        match self.lr_schedule {
+            LrSchedule::Constant => format!(
+                "learning rate {rate:.3e} at step {step}, {:.3e} from step {} on",
+                self.lr, self.warmup
+            ),
+            LrSchedule::Cosine => format!(
+                "learning rate {rate:.3e} at step {step}, on a cosine from {:.3e} at step {} to \
+                 zero at step {}",
+                self.lr, self.warmup, self.steps
+            ),
+        }
+    }
+
     /// Learning rate at (0-based) step `step`.
     pub fn lr_at(&self, step: u64) -> f64 {
         if step < self.warmup {
@@ -956,10 +976,11 @@ pub fn run(args: TrainArgs, stop: Arc<AtomicBool>) -> Result<()> {
         let loaded = checkpoint::load_latest(&run_dir, &info, &device, &base)?;
         optim = optim.load_record(loaded.optimizer);
         println!(
-            "resuming {} from {} (step {})",
+            "resuming {} from {} (step {}); {}",
             run_dir.display(),
             loaded.dir.display(),
-            loaded.state.step
+            loaded.state.step,
+            config.describe_rate(loaded.state.step)
         );
         (
             loaded.model,

@@ -440,7 +440,7 @@ fn a_resumed_run_takes_a_new_learning_rate() {
     assert!(text.contains("--lr must be a positive number"), "{text}");
     assert!(!fresh.exists());
 
-    ok(&[
+    let text = ok(&[
         "train",
         "--resume",
         p(&run),
@@ -453,6 +453,13 @@ fn a_resumed_run_takes_a_new_learning_rate() {
         "--backend",
         "cpu",
     ]);
+    assert!(
+        text.contains(
+            "(step 2); learning rate 1.000e-3 at step 2, on a cosine from 1.000e-3 at step 2 to \
+             zero at step 6"
+        ),
+        "{text}"
+    );
     let rates = loss_log(&run, 2);
     // Logged step k trained at 0-based step k - 1. Warm-up (2 steps) at the old peak 2e-4,
     // then cosine from the new peak 1e-3 over steps 2..6.
