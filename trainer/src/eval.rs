@@ -30,7 +30,7 @@ use clap::Args;
 use ddpm::model_file;
 use ddpm::noise::SeededNoise;
 use ddpm::pipeline::{GenerateOptions, Generation};
-use ddpm::sampler::{SamplerKind, SamplerOptions, build_sampler};
+use ddpm::sampler::build_sampler;
 use nalgebra::{DMatrix, DVector, SymmetricEigen};
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
@@ -39,6 +39,7 @@ use crate::backend::{self, BackendChoice, Selected};
 use crate::checkpoint;
 use crate::data::{self, DataSource, ImageSet, Split};
 use crate::images;
+use crate::sample::{SamplerArgs, spacing_name};
 
 /// Side of the images the classifier reads.
 const SIDE: usize = 28;
@@ -405,12 +406,8 @@ pub struct EvalArgs {
     /// Number of generated images (the reference rows use as many real images).
     #[arg(long, default_value_t = 1000)]
     pub n: usize,
-    /// Sampler.
-    #[arg(long, default_value = "ddim", value_parser = crate::sample::parse_sampler)]
-    pub sampler: SamplerKind,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 50)]
-    pub steps: usize,
+    #[command(flatten)]
+    pub sampling: SamplerArgs,
     /// Classifier-free guidance scale for class-conditional models (1 = none).
     #[arg(long, default_value_t = 1.0)]
     pub guidance: f64,
@@ -454,7 +451,7 @@ fn generate(
         u.sample_size,
         u.in_channels
     );
-    let schedule = crate::sample::schedule_for(&info, args.steps)?;
+    let schedule = crate::sample::schedule_for(&info, args.sampling.steps)?;
     let classes = info.num_classes();
     let mut pixels = Vec::with_capacity(args.n * SIDE * SIDE);
     let mut requested = Vec::new();
@@ -476,11 +473,11 @@ fn generate(
             part: None,
         };
         let sampler = build_sampler(
-            args.sampler,
+            args.sampling.sampler,
             &schedule,
             info.prediction,
-            args.steps,
-            &SamplerOptions::default().guided(args.guidance),
+            args.sampling.steps,
+            &args.sampling.options(true, args.guidance),
         )?;
         let generation = Generation::new(&model, &info, sampler, &options, device)?
             .with_batch_threads(backend.batch_threads);
@@ -629,10 +626,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let mut rows = vec![
         score(
             format!(
-                "model: {} ({} {} steps{})",
+                "model: {} ({} {} steps{}{})",
                 args.model.display(),
-                args.sampler,
-                args.steps,
+                args.sampling.sampler,
+                args.sampling.steps,
+                args.sampling.settings(),
                 if requested.is_empty() {
                     String::new()
                 } else {
@@ -751,8 +749,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if let Some(path) = &args.json {
         let report = serde_json::json!({
             "n": n,
-            "sampler": args.sampler.to_string(),
-            "steps": args.steps,
+            "sampler": args.sampling.sampler.to_string(),
+            "steps": args.sampling.steps,
+            "eta": args.sampling.eta,
+            "timestep_spacing": args.sampling.timestep_spacing.map(spacing_name),
             "guidance": args.guidance,
             "classifier_test_accuracy": test_accuracy,
             "classifier_train_accuracy": train_accuracy,

@@ -9,7 +9,7 @@ use burn::tensor::{Tensor, TensorData};
 use clap::{Args, ValueEnum};
 use ddpm::model_file::{self, StoreDType};
 use ddpm::pipeline::{GenerateOptions, Generation};
-use ddpm::sampler::{SamplerKind, SamplerOptions, build_sampler};
+use ddpm::sampler::{SamplerKind, SamplerOptions, TimestepSpacing, build_sampler};
 use ddpm::schedule::NoiseSchedule;
 use npyz::WriterBuilder;
 
@@ -72,6 +72,60 @@ pub struct SamplerArgs {
     /// DDIM's η (0 = deterministic, 1 = as noisy as DDPM).
     #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
+    /// Which of the T training timesteps the steps visit (diffusers' `timestep_spacing`):
+    /// leading (starts below T−1), trailing (starts at T−1) or linspace. Default: the
+    /// sampler's diffusers default (leading for ddpm and ddim, linspace for dpm-solver++).
+    #[arg(long, value_parser = parse_spacing)]
+    pub timestep_spacing: Option<TimestepSpacing>,
+}
+
+impl SamplerArgs {
+    /// The sampler options these flags set, with clipping and guidance.
+    pub fn options(&self, clip_sample: bool, guidance: f64) -> SamplerOptions {
+        SamplerOptions {
+            eta: self.eta,
+            clip_sample,
+            timestep_spacing: self.timestep_spacing,
+            ..SamplerOptions::default()
+        }
+        .guided(guidance)
+    }
+
+    /// "50 ddim steps", with [`SamplerArgs::settings`].
+    pub fn describe(&self) -> String {
+        format!("{} {} steps{}", self.steps, self.sampler, self.settings())
+    }
+
+    /// ", η 1, trailing spacing": η and the spacing where they are not the defaults.
+    pub fn settings(&self) -> String {
+        let mut text = String::new();
+        if self.eta != 0.0 {
+            text.push_str(&format!(", η {}", self.eta));
+        }
+        if let Some(spacing) = self.timestep_spacing {
+            text.push_str(&format!(", {} spacing", spacing_name(spacing)));
+        }
+        text
+    }
+}
+
+fn parse_spacing(s: &str) -> Result<TimestepSpacing, String> {
+    match s {
+        "leading" => Ok(TimestepSpacing::Leading),
+        "trailing" => Ok(TimestepSpacing::Trailing),
+        "linspace" => Ok(TimestepSpacing::Linspace),
+        _ => Err(format!(
+            "unknown timestep spacing {s:?} (expected leading, trailing or linspace)"
+        )),
+    }
+}
+
+pub(crate) fn spacing_name(spacing: TimestepSpacing) -> &'static str {
+    match spacing {
+        TimestepSpacing::Leading => "leading",
+        TimestepSpacing::Trailing => "trailing",
+        TimestepSpacing::Linspace => "linspace",
+    }
 }
 
 /// `ddpm sample` flags.
@@ -233,12 +287,7 @@ impl Loaded {
         out: &OutputArgs,
     ) -> Result<Box<dyn ddpm::sampler::Sampler + Send>> {
         let schedule = schedule_for(&self.info, args.steps)?;
-        let options = SamplerOptions {
-            eta: args.eta,
-            clip_sample: !out.no_clip,
-            ..SamplerOptions::default()
-        }
-        .guided(out.guidance);
+        let options = args.options(!out.no_clip, out.guidance);
         Ok(build_sampler(
             args.sampler,
             &schedule,
@@ -380,7 +429,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         (None, None) => Generation::new(model, info, sampler, &generate, device),
     }?
     .with_batch_threads(loaded.selected.batch_threads);
-    let what = format!("{} {} steps", sampling.steps, sampling.sampler);
+    let what = sampling.describe();
     finish(generation, &loaded, out, &what, args.interpolate.is_some())
 }
 
@@ -580,4 +629,84 @@ pub fn import(args: ImportArgs) -> Result<()> {
         info.prediction
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use ddpm::schedule::{NoiseSchedule, ScheduleConfig};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sampling: SamplerArgs,
+    }
+
+    /// The timesteps a sampler built from these flags visits, T = 1000.
+    fn timesteps(flags: &[&str]) -> Vec<usize> {
+        let args = Cli::try_parse_from(std::iter::once("ddpm").chain(flags.iter().copied()))
+            .unwrap()
+            .sampling;
+        let schedule = NoiseSchedule::new(&ScheduleConfig::default()).unwrap();
+        build_sampler(
+            args.sampler,
+            &schedule,
+            Default::default(),
+            args.steps,
+            &args.options(true, 1.0),
+        )
+        .unwrap()
+        .timesteps()
+        .to_vec()
+    }
+
+    /// `--timestep-spacing` reaches the sampler: with T = 1000 and 4 steps, leading spacing is
+    /// 750, 500, 250, 0 (DDIM's and DDPM's default), trailing 999, 749, 499, 249 and linspace
+    /// round(999·k/3); Lin et al. 2023, Table 2.
+    #[test]
+    fn timestep_spacing_flag_picks_the_timesteps() {
+        let leading = vec![750, 500, 250, 0];
+        let trailing = vec![999, 749, 499, 249];
+        let linspace = vec![999, 666, 333, 0];
+        for sampler in ["ddim", "ddpm"] {
+            let base = ["--sampler", sampler, "--steps", "4"];
+            assert_eq!(timesteps(&base), leading, "{sampler}");
+            let with = |spacing| timesteps(&[&base[..], &["--timestep-spacing", spacing]].concat());
+            assert_eq!(with("leading"), leading, "{sampler}");
+            assert_eq!(with("trailing"), trailing, "{sampler}");
+            assert_eq!(with("linspace"), linspace, "{sampler}");
+        }
+        // DPM-Solver++'s linspace takes N + 1 points and drops the last (diffusers'
+        // DPMSolverMultistepScheduler).
+        let dpm = ["--sampler", "dpm-solver++", "--steps", "4"];
+        assert_eq!(timesteps(&dpm), vec![999, 749, 500, 250]);
+        let err = Cli::try_parse_from(["ddpm", "--timestep-spacing", "middle"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains(
+                "unknown timestep spacing \"middle\" (expected leading, trailing or linspace)"
+            ),
+            "{err}"
+        );
+    }
+
+    /// The label of a run names η and the spacing only where they are not the defaults.
+    #[test]
+    fn describe_names_the_settings_that_differ() {
+        let parse = |flags: &[&str]| {
+            Cli::try_parse_from(std::iter::once("ddpm").chain(flags.iter().copied()))
+                .unwrap()
+                .sampling
+                .describe()
+        };
+        assert_eq!(parse(&[]), "50 ddim steps");
+        assert_eq!(
+            parse(&["--eta", "1", "--timestep-spacing", "trailing"]),
+            "50 ddim steps, η 1, trailing spacing"
+        );
+    }
 }
