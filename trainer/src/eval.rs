@@ -30,7 +30,7 @@ use clap::Args;
 use ddpm::model_file;
 use ddpm::noise::SeededNoise;
 use ddpm::pipeline::{GenerateOptions, Generation};
-use ddpm::sampler::build_sampler;
+use ddpm::sampler::{TimestepSpacing, build_sampler};
 use nalgebra::{DMatrix, DVector, SymmetricEigen};
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
@@ -39,7 +39,7 @@ use crate::backend::{self, BackendChoice, Selected};
 use crate::checkpoint;
 use crate::data::{self, DataSource, ImageSet, Split};
 use crate::images;
-use crate::sample::{SamplerArgs, spacing_name};
+use crate::sample::SamplerArgs;
 
 /// Side of the images the classifier reads.
 const SIDE: usize = 28;
@@ -752,7 +752,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             "sampler": args.sampling.sampler.to_string(),
             "steps": args.sampling.steps,
             "eta": args.sampling.eta,
-            "timestep_spacing": args.sampling.timestep_spacing.map(spacing_name),
+            "timestep_spacing": args.sampling.timestep_spacing.map(TimestepSpacing::name),
             "guidance": args.guidance,
             "classifier_test_accuracy": test_accuracy,
             "classifier_train_accuracy": train_accuracy,

@@ -64,7 +64,7 @@ pub struct OutputArgs {
 #[derive(Debug, Args)]
 pub struct SamplerArgs {
     /// Sampler.
-    #[arg(long, default_value = "ddim", value_parser = parse_sampler)]
+    #[arg(long, default_value = "ddim", value_parser = parse_named::<SamplerKind>)]
     pub sampler: SamplerKind,
     /// Number of denoising steps (model evaluations; img2img runs ⌊steps · strength⌋ of them).
     #[arg(long, default_value_t = 50)]
@@ -75,7 +75,7 @@ pub struct SamplerArgs {
     /// Which of the T training timesteps the steps visit (diffusers' `timestep_spacing`):
     /// leading (starts below T−1), trailing (starts at T−1) or linspace. Default: the
     /// sampler's diffusers default (leading for ddpm and ddim, linspace for dpm-solver++).
-    #[arg(long, value_parser = parse_spacing)]
+    #[arg(long, value_parser = parse_named::<TimestepSpacing>)]
     pub timestep_spacing: Option<TimestepSpacing>,
 }
 
@@ -103,28 +103,9 @@ impl SamplerArgs {
             text.push_str(&format!(", η {}", self.eta));
         }
         if let Some(spacing) = self.timestep_spacing {
-            text.push_str(&format!(", {} spacing", spacing_name(spacing)));
+            text.push_str(&format!(", {spacing} spacing"));
         }
         text
-    }
-}
-
-fn parse_spacing(s: &str) -> Result<TimestepSpacing, String> {
-    match s {
-        "leading" => Ok(TimestepSpacing::Leading),
-        "trailing" => Ok(TimestepSpacing::Trailing),
-        "linspace" => Ok(TimestepSpacing::Linspace),
-        _ => Err(format!(
-            "unknown timestep spacing {s:?} (expected leading, trailing or linspace)"
-        )),
-    }
-}
-
-pub(crate) fn spacing_name(spacing: TimestepSpacing) -> &'static str {
-    match spacing {
-        TimestepSpacing::Leading => "leading",
-        TimestepSpacing::Trailing => "trailing",
-        TimestepSpacing::Linspace => "linspace",
     }
 }
 
@@ -147,7 +128,8 @@ pub struct SampleArgs {
     pub interpolate: Option<(u64, u64)>,
 }
 
-pub(crate) fn parse_sampler(s: &str) -> Result<SamplerKind, String> {
+/// A flag value by its `ddpm` name (a sampler, a timestep spacing), with the library's error.
+fn parse_named<T: std::str::FromStr<Err = ddpm::Error>>(s: &str) -> Result<T, String> {
     s.parse().map_err(|e: ddpm::Error| e.to_string())
 }
 

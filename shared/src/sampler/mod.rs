@@ -63,6 +63,41 @@ pub enum TimestepSpacing {
     Linspace,
 }
 
+impl TimestepSpacing {
+    /// Every spacing, in the order of the docs.
+    pub const ALL: [Self; 3] = [Self::Leading, Self::Trailing, Self::Linspace];
+
+    /// diffusers' `timestep_spacing` string (also the serde name).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Leading => "leading",
+            Self::Trailing => "trailing",
+            Self::Linspace => "linspace",
+        }
+    }
+}
+
+impl fmt::Display for TimestepSpacing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for TimestepSpacing {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                Error::InvalidSampler(format!(
+                    "unknown timestep spacing {s:?} (expected leading, trailing or linspace)"
+                ))
+            })
+    }
+}
+
 /// Checks `num_inference_steps` against the schedule.
 pub(crate) fn check_steps(num_inference_steps: usize, num_train_timesteps: usize) -> Result<()> {
     if num_inference_steps == 0 || num_inference_steps > num_train_timesteps {
