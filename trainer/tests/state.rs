@@ -488,3 +488,72 @@ fn a_resumed_run_takes_a_new_learning_rate() {
     assert_eq!(config["lr"], 1e-3);
     assert_eq!(config["lr_schedule"], "cosine");
 }
+
+#[test]
+fn a_resumed_run_takes_input_perturbation() {
+    let dir = temp_dir("perturb");
+    let run = dir.join("run");
+    ok(&with_flags(
+        train_args(p(&run), "2"),
+        &["--sample-every", "0"],
+    ));
+    let before = snapshot(&run);
+    let bad = dir.join("bad");
+    let text = fails(&[
+        "train",
+        "--resume",
+        p(&run),
+        "--out",
+        p(&bad),
+        "--steps",
+        "3",
+        "--input-perturbation",
+        "2",
+    ]);
+    assert!(
+        text.contains("--input-perturbation must be in [0, 1] (got 2"),
+        "{text}"
+    );
+    assert!(!bad.exists());
+    assert_eq!(snapshot(&run), before, "the resumed run was touched");
+
+    // The same step 3 from the same state, without and with the perturbation: only the
+    // UNet's input changes, so the loss of that step does.
+    let resume = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--resume",
+            p(&run),
+            "--out",
+            p(out),
+            "--steps",
+            "3",
+            "--backend",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        ok(&args)
+    };
+    let plain = dir.join("plain");
+    let text = resume(&plain, &[]);
+    assert!(!text.contains("input perturbation"), "{text}");
+    let perturbed = dir.join("perturbed");
+    let text = resume(&perturbed, &["--input-perturbation", "0.1"]);
+    assert!(
+        text.contains("input perturbation γ = 0.1: the UNet sees x_t noised with ε + γ·ξ"),
+        "{text}"
+    );
+    let (a, b) = (losses(&plain), losses(&perturbed));
+    assert_eq!(a.len(), 3);
+    assert_eq!(a[..2], b[..2], "steps 1 and 2 come from the resumed log");
+    assert_ne!(
+        a[2].1, b[2].1,
+        "the perturbation did not reach the UNet's input"
+    );
+    let config = std::fs::read_to_string(perturbed.join("config.json")).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["input_perturbation"], 0.1);
+    let config = std::fs::read_to_string(plain.join("config.json")).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["input_perturbation"], 0.0);
+}
