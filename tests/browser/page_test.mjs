@@ -12,7 +12,8 @@
 //  4. Editing, on both backends: a generated image is picked by clicking it, a mask is painted
 //     with the mouse, Inpaint and Vary run; their results equal `ddpm inpaint` / `ddpm img2img`
 //     run natively on the same picture and mask (written out as PNGs) within 1e-3, and the
-//     module's interpolate equals `ddpm sample --interpolate`. An empty mask
+//     module's interpolate equals `ddpm sample --interpolate`, its timestepSpacing "trailing"
+//     `ddpm sample --timestep-spacing trailing` (an unknown spacing is refused). An empty mask
 //     returns the image with a note; a file that is not a picture is refused on the page.
 //  5. Workers: sampling runs off the main thread (no main-thread task over 50 ms during a
 //     20-step run: PerformanceObserver "longtask", and the longest gap between timer ticks);
@@ -277,6 +278,24 @@ async function editsMatchNative(page, label) {
   const wantRow = nativeRun("row", ["sample", "--interpolate", "3,7", "--n", "3", "--steps", "4", "--class", String(inputs.class), "--guidance", String(inputs.guidance)]);
   const rowDiff = maxDiff(row, wantRow);
   check(rowDiff <= 1e-3, `${label}: interpolate equals ddpm sample --interpolate (max |diff| ${rowDiff.toExponential(2)} ≤ 1e-3)`);
+
+  // The module's timestepSpacing equals `ddpm sample --timestep-spacing`; an unknown one is refused by name.
+  const spaced = await page.evaluate(async (inputs) => {
+    const model = window.ddpmPage.model;
+    const out = await model.sample({ n: 2, steps: 4, sampler: "ddim", seed: 0, classLabel: inputs.class, timestepSpacing: "trailing" });
+    let error = "";
+    try {
+      await model.sample({ n: 1, steps: 4, classLabel: inputs.class, timestepSpacing: "middle" });
+    } catch (e) {
+      error = String(e.message ?? e);
+    }
+    return { pixels: Array.from(out.pixels), error };
+  }, inputs);
+  const wantSpaced = nativeRun("trailing", ["sample", "--n", "2", "--steps", "4", "--sampler", "ddim", "--seed", "0", "--class", String(inputs.class), "--timestep-spacing", "trailing"]);
+  const spacedDiff = maxDiff(spaced.pixels, wantSpaced);
+  check(spacedDiff <= 1e-3, `${label}: timestepSpacing "trailing" equals ddpm sample --timestep-spacing trailing (max |diff| ${spacedDiff.toExponential(2)} ≤ 1e-3)`);
+  check(/unknown timestep spacing "middle" \(expected leading, trailing or linspace\)/.test(spaced.error),
+    `${label}: an unknown timestepSpacing is refused ("${spaced.error}")`);
 
   // An empty mask gives the image back with a note.
   await page.click("#clear-mask");

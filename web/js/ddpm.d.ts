@@ -8,6 +8,7 @@ import type {
   SampleOptions,
   Samples,
   StepProgress,
+  TimestepSpacing,
 } from "./ddpm-web.js";
 
 export type {
@@ -19,6 +20,7 @@ export type {
   SampleOptions,
   Samples,
   StepProgress,
+  TimestepSpacing,
 };
 
 /** Whether this engine validates WebAssembly's relaxed SIMD (`f32x4.relaxed_madd`). */

@@ -9,7 +9,7 @@ use burn::tensor::wgpu::WgpuBackend;
 use ddpm::edit::{self, FittedImage, MaskCover, RePaint, RePaintOptions};
 use ddpm::model_file::{self, ModelInfo};
 use ddpm::pipeline::{GenerateOptions, Generation, MAX_BATCH, to_rgba};
-use ddpm::sampler::{SamplerKind, SamplerOptions, build_sampler};
+use ddpm::sampler::{SamplerKind, SamplerOptions, TimestepSpacing, build_sampler};
 use ddpm::schedule::NoiseSchedule;
 use ddpm::unet::UNet;
 use js_sys::{
@@ -24,6 +24,8 @@ const TYPES: &'static str = r#"
 export type BackendName = "webgpu" | "cpu";
 /** Samplers: ancestral DDPM, DDIM, DPM-Solver++ (2M). */
 export type SamplerName = "ddpm" | "ddim" | "dpm-solver++";
+/** Where a run's timesteps lie (diffusers' `timestep_spacing`; Lin et al. 2023, Table 2). */
+export type TimestepSpacing = "leading" | "trailing" | "linspace";
 
 export interface SampleOptions {
   /** Number of images (1..=64). Default 16. */
@@ -32,6 +34,9 @@ export interface SampleOptions {
   steps?: number;
   /** Default "ddim". */
   sampler?: SamplerName;
+  /** Default: the sampler's diffusers default ("leading"; "linspace" for DPM-Solver++).
+   *  "trailing" starts at the last training timestep. */
+  timestepSpacing?: TimestepSpacing;
   /** Seed of the initial noise and every later draw. Default 0. */
   seed?: number;
   /** DDIM's eta (0 = deterministic). Default 0. */
@@ -477,6 +482,7 @@ pub fn fit_picture(
 
 struct Parsed {
     kind: SamplerKind,
+    spacing: Option<TimestepSpacing>,
     steps: usize,
     eta: f64,
     every: usize,
@@ -506,6 +512,14 @@ fn parse(inner: &Inner, options: &JsValue, default_n: usize) -> Result<Parsed, J
             .parse::<SamplerKind>()
             .map_err(js_err)?,
     };
+    let spacing = get(options, "timestepSpacing")?
+        .map(|v| {
+            v.as_string()
+                .ok_or_else(|| js_err("option `timestepSpacing` must be a string"))?
+                .parse::<TimestepSpacing>()
+                .map_err(js_err)
+        })
+        .transpose()?;
     let seed = get_count(options, "seed", 0)? as u64;
     let eta = get_number(options, "eta")?.unwrap_or(0.0);
     let guidance = get_number(options, "guidance")?.unwrap_or(1.0);
@@ -567,6 +581,7 @@ fn parse(inner: &Inner, options: &JsValue, default_n: usize) -> Result<Parsed, J
         .transpose()?;
     Ok(Parsed {
         kind,
+        spacing,
         steps,
         eta,
         every: get_count(options, "every", 1)?.max(1),
@@ -638,6 +653,7 @@ fn sampler_for(
     let schedule = NoiseSchedule::new(&info.schedule).map_err(js_err)?;
     let sampler_options = SamplerOptions {
         eta: p.eta,
+        timestep_spacing: p.spacing,
         ..SamplerOptions::default()
     }
     .guided(p.generate.guidance);
