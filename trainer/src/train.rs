@@ -171,6 +171,11 @@ pub struct TrainArgs {
     /// Number of diffusion steps T.
     #[arg(long, default_value_t = 1000)]
     pub timesteps: usize,
+    /// Rescale the β schedule to zero terminal SNR, so x_{T-1} is pure noise as sampling assumes
+    /// (Lin et al. 2023; diffusers' `rescale_betas_zero_snr`). Needs --prediction v or sample.
+    /// With --init: fine-tunes the model onto the rescaled schedule.
+    #[arg(long)]
+    pub zero_terminal_snr: bool,
     /// What the UNet predicts.
     #[arg(long, value_enum, default_value = "epsilon")]
     pub prediction: PredictionArg,
@@ -368,6 +373,10 @@ fn contradictions(args: &TrainArgs, config: &RunConfig) -> Vec<(String, String, 
                 schedule_of(args.schedule) == config.model.schedule.beta_schedule,
             ),
             "timesteps" => plain(&args.timesteps, &config.model.schedule.num_train_timesteps),
+            "zero_terminal_snr" => plain(
+                &args.zero_terminal_snr,
+                &config.model.schedule.rescale_betas_zero_snr,
+            ),
             "prediction" => (
                 flag_value(&args.prediction),
                 stored_enum(&config.model.prediction, prediction_of),
@@ -653,6 +662,19 @@ fn new_config(args: &TrainArgs, set_probe: &ImageSet) -> Result<RunConfig> {
             info
         }
     };
+    if args.zero_terminal_snr {
+        ensure!(
+            info.prediction != PredictionType::Epsilon,
+            "--zero-terminal-snr needs --prediction v (or sample){}: at zero SNR the noise ε says \
+             nothing about the image (Lin et al. 2023)",
+            if args.init.is_some() {
+                ", and the --init model predicts ε"
+            } else {
+                ""
+            }
+        );
+        info.schedule.rescale_betas_zero_snr = true;
+    }
     if args.conditional {
         ensure!(
             !set_probe.class_names.is_empty(),

@@ -557,3 +557,82 @@ fn a_resumed_run_takes_input_perturbation() {
     let config: serde_json::Value = serde_json::from_str(&config).unwrap();
     assert_eq!(config["input_perturbation"], 0.0);
 }
+
+#[test]
+fn zero_terminal_snr_trains_and_stays_with_the_run() {
+    let dir = temp_dir("ztsnr");
+    // ε at zero SNR says nothing about the image: refused before anything is written.
+    let eps = dir.join("eps");
+    let text = fails(&with_flags(
+        train_args(p(&eps), "2"),
+        &["--zero-terminal-snr"],
+    ));
+    assert!(
+        text.contains("--zero-terminal-snr needs --prediction v (or sample)"),
+        "{text}"
+    );
+    assert!(!eps.exists());
+
+    let run = dir.join("run");
+    ok(&with_flags(
+        train_args(p(&run), "2"),
+        &[
+            "--zero-terminal-snr",
+            "--prediction",
+            "v",
+            "--sample-every",
+            "0",
+        ],
+    ));
+    let config = std::fs::read_to_string(run.join("config.json")).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["model"]["schedule"]["rescale_betas_zero_snr"], true);
+    assert!(losses(&run).iter().all(|(_, l)| l.is_finite()));
+    // The model samples from t = T-1, where x_t is pure noise.
+    ok(&[
+        "sample",
+        "--model",
+        p(&run.join("model.safetensors")),
+        "--n",
+        "1",
+        "--steps",
+        "2",
+        "--timestep-spacing",
+        "trailing",
+        "--backend",
+        "cpu",
+        "--out",
+        p(&dir.join("grid.png")),
+    ]);
+    // It stays with the run: agreeing on resume continues, contradicting is refused.
+    ok(&[
+        "train",
+        "--resume",
+        p(&run),
+        "--steps",
+        "3",
+        "--zero-terminal-snr",
+        "--backend",
+        "cpu",
+    ]);
+    assert_eq!(losses(&run).len(), 3);
+    let plain = dir.join("plain");
+    ok(&with_flags(
+        train_args(p(&plain), "2"),
+        &["--prediction", "v", "--sample-every", "0"],
+    ));
+    let before = snapshot(&plain);
+    let text = fails(&[
+        "train",
+        "--resume",
+        p(&plain),
+        "--steps",
+        "3",
+        "--zero-terminal-snr",
+    ]);
+    assert!(
+        text.contains("--zero-terminal-snr true: the run was trained with false"),
+        "{text}"
+    );
+    assert_eq!(snapshot(&plain), before, "the resumed run was touched");
+}
