@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{DDPM, fails, ok, p, temp_dir, train_args};
+use common::{DDPM, fails, ok, p, read_json, temp_dir, train_args};
 use ddpm::noise::SeededNoise;
 
 fn loss_rows(run: &Path) -> Vec<String> {
@@ -137,8 +137,7 @@ fn train_resume_sample_export() {
         p(&report),
     ]);
     assert!(text.contains("not Inception FID"), "{text}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let report = read_json(&report);
     let accuracy = report["classifier_test_accuracy"].as_f64().unwrap();
     assert!(accuracy > 0.85, "classifier accuracy {accuracy}");
     let rows: Vec<(String, f64)> = report["rows"]
@@ -207,8 +206,7 @@ fn eval_reports_each_class_of_a_conditional_model() {
         p(&report),
     ]);
     assert!(text.contains("per-class Fréchet distance"), "{text}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let report = read_json(&report);
     let classes = report["per_class"].as_array().unwrap();
     assert_eq!(classes.len(), 10, "{classes:?}");
     for row in classes {
@@ -639,8 +637,7 @@ fn bench_without_pytorch_still_reports_ours() {
         text.contains("reference: not run (could not start") && text.contains("ours only"),
         "{text}"
     );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report = read_json(&json);
     assert_eq!(
         report["num_params"], 702_753,
         "the bundled model's size: {report}"
@@ -1001,8 +998,7 @@ fn bench_ceiling_counts_the_forwards_matrix_products() {
     let json = dir.join("ceiling.json");
     let text = ok(&["bench", "--ceiling", "--batch", "1,3", "--json", p(&json)]);
     assert!(text.contains("native forward of 3 images"), "{text}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report = read_json(&json);
     let forwards = report["forwards"].as_array().unwrap();
     assert_eq!(forwards.len(), 2, "{report}");
     for (forward, batch) in forwards.iter().zip([1u64, 3]) {

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{DDPM, fails, ok, p, temp_dir, train_args, with_flags};
+use common::{DDPM, fails, ok, p, read_json, temp_dir, train_args, with_flags};
 
 /// (step, loss) rows of a run's loss log.
 fn losses(run: &Path) -> Vec<(u64, f64)> {
@@ -483,8 +483,7 @@ fn a_resumed_run_takes_a_new_learning_rate() {
             "step {k}: lr {lr}, expected {want}"
         );
     }
-    let config = std::fs::read_to_string(run.join("config.json")).unwrap();
-    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    let config = read_json(&run.join("config.json"));
     assert_eq!(config["lr"], 1e-3);
     assert_eq!(config["lr_schedule"], "cosine");
 }
@@ -550,11 +549,9 @@ fn a_resumed_run_takes_input_perturbation() {
         a[2].1, b[2].1,
         "the perturbation did not reach the UNet's input"
     );
-    let config = std::fs::read_to_string(perturbed.join("config.json")).unwrap();
-    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    let config = read_json(&perturbed.join("config.json"));
     assert_eq!(config["input_perturbation"], 0.1);
-    let config = std::fs::read_to_string(plain.join("config.json")).unwrap();
-    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    let config = read_json(&plain.join("config.json"));
     assert_eq!(config["input_perturbation"], 0.0);
 }
 
@@ -584,8 +581,7 @@ fn zero_terminal_snr_trains_and_stays_with_the_run() {
             "0",
         ],
     ));
-    let config = std::fs::read_to_string(run.join("config.json")).unwrap();
-    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    let config = read_json(&run.join("config.json"));
     assert_eq!(config["model"]["schedule"]["rescale_betas_zero_snr"], true);
     assert!(losses(&run).iter().all(|(_, l)| l.is_finite()));
     // The model samples from t = T-1, where x_t is pure noise.

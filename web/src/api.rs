@@ -195,6 +195,21 @@ fn js_err(message: impl std::fmt::Display) -> JsValue {
     js_sys::Error::new(&message.to_string()).into()
 }
 
+/// A string option by its library name (a sampler, a timestep spacing), with the library's error.
+fn get_named<T: std::str::FromStr<Err = ddpm::Error>>(
+    options: &JsValue,
+    key: &str,
+) -> Result<Option<T>, JsValue> {
+    get(options, key)?
+        .map(|v| {
+            v.as_string()
+                .ok_or_else(|| js_err(format!("option `{key}` must be a string")))?
+                .parse::<T>()
+                .map_err(js_err)
+        })
+        .transpose()
+}
+
 fn get(options: &JsValue, key: &str) -> Result<Option<JsValue>, JsValue> {
     if options.is_undefined() || options.is_null() {
         return Ok(None);
@@ -504,22 +519,8 @@ fn parse(inner: &Inner, options: &JsValue, default_n: usize) -> Result<Parsed, J
             "steps = {steps}: choose 1 to {t_max} (the model's training timesteps)"
         )));
     }
-    let kind = match get(options, "sampler")? {
-        None => SamplerKind::Ddim,
-        Some(v) => v
-            .as_string()
-            .ok_or_else(|| js_err("option `sampler` must be a string"))?
-            .parse::<SamplerKind>()
-            .map_err(js_err)?,
-    };
-    let spacing = get(options, "timestepSpacing")?
-        .map(|v| {
-            v.as_string()
-                .ok_or_else(|| js_err("option `timestepSpacing` must be a string"))?
-                .parse::<TimestepSpacing>()
-                .map_err(js_err)
-        })
-        .transpose()?;
+    let kind = get_named(options, "sampler")?.unwrap_or(SamplerKind::Ddim);
+    let spacing = get_named::<TimestepSpacing>(options, "timestepSpacing")?;
     let seed = get_count(options, "seed", 0)? as u64;
     let eta = get_number(options, "eta")?.unwrap_or(0.0);
     let guidance = get_number(options, "guidance")?.unwrap_or(1.0);

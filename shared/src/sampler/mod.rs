@@ -77,6 +77,15 @@ impl TimestepSpacing {
     }
 }
 
+/// The value of `all` called `s` (the `FromStr` of the named enums here).
+fn by_name<T: Copy, const N: usize>(
+    all: [T; N],
+    name: fn(T) -> &'static str,
+    s: &str,
+) -> Option<T> {
+    all.into_iter().find(|&k| name(k) == s)
+}
+
 impl fmt::Display for TimestepSpacing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -87,14 +96,11 @@ impl FromStr for TimestepSpacing {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| {
-                Error::InvalidSampler(format!(
-                    "unknown timestep spacing {s:?} (expected leading, trailing or linspace)"
-                ))
-            })
+        by_name(Self::ALL, Self::name, s).ok_or_else(|| {
+            Error::InvalidSampler(format!(
+                "unknown timestep spacing {s:?} (expected leading, trailing or linspace)"
+            ))
+        })
     }
 }
 
@@ -319,14 +325,11 @@ impl FromStr for SamplerKind {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| {
-                Error::InvalidSampler(format!(
-                    "unknown sampler {s:?} (expected one of \"ddpm\", \"ddim\", \"dpm-solver++\")"
-                ))
-            })
+        by_name(Self::ALL, Self::name, s).ok_or_else(|| {
+            Error::InvalidSampler(format!(
+                "unknown sampler {s:?} (expected one of \"ddpm\", \"ddim\", \"dpm-solver++\")"
+            ))
+        })
     }
 }
 

@@ -96,3 +96,8 @@ pub fn with_flags<'a>(mut args: Vec<&'a str>, flags: &[&'a str]) -> Vec<&'a str>
     }
     args
 }
+
+/// A JSON file (a run's `config.json`, an `--json` report).
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
