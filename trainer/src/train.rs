@@ -25,7 +25,7 @@ use ddpm::diffusion::{self, LossWeighting, PredictionType};
 use ddpm::model_file::{self, ModelInfo, StoreDType};
 use ddpm::noise::SeededNoise;
 use ddpm::schedule::{BetaSchedule, NoiseSchedule, ScheduleConfig};
-use ddpm::unet::{UNet, UNetConfig};
+use ddpm::unet::{TimeScaleShift, UNet, UNetConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
@@ -127,6 +127,15 @@ pub enum PredictionArg {
     Sample,
 }
 
+/// How the timestep (and class) embedding enters the UNet's ResNet blocks, on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TimeScaleShiftArg {
+    /// Added to the features after the first convolution (Ho et al. 2020; diffusers' default).
+    Default,
+    /// A per-channel scale and shift after the second group norm (AdaGN, Dhariwal & Nichol 2021).
+    ScaleShift,
+}
+
 /// `ddpm train` flags.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -159,6 +168,10 @@ pub struct TrainArgs {
     /// UNet size (ignored with --init).
     #[arg(long, value_enum, default_value = "small")]
     pub model: ModelSize,
+    /// How the timestep and class embedding enter each ResNet block (diffusers'
+    /// `resnet_time_scale_shift`; ignored with --init, whose model decides).
+    #[arg(long, value_enum, default_value = "default")]
+    pub resnet_time_scale_shift: TimeScaleShiftArg,
     /// Condition on class labels, with label dropout for classifier-free guidance.
     #[arg(long)]
     pub conditional: bool,
@@ -252,6 +265,13 @@ fn schedule_of(arg: ScheduleArg) -> BetaSchedule {
     }
 }
 
+fn time_scale_shift_of(arg: TimeScaleShiftArg) -> TimeScaleShift {
+    match arg {
+        TimeScaleShiftArg::Default => TimeScaleShift::Default,
+        TimeScaleShiftArg::ScaleShift => TimeScaleShift::ScaleShift,
+    }
+}
+
 fn prediction_of(arg: PredictionArg) -> PredictionType {
     match arg {
         PredictionArg::Epsilon => PredictionType::Epsilon,
@@ -294,10 +314,12 @@ fn stored_model(unet: &UNetConfig) -> String {
         })
 }
 
-/// Equal UNets apart from the class embedding, which --conditional decides.
+/// Equal UNets apart from the class embedding, which --conditional decides, and how the
+/// timestep enters the ResNet blocks, which --resnet-time-scale-shift decides.
 fn same_architecture(a: &UNetConfig, b: &UNetConfig) -> bool {
     let strip = |u: &UNetConfig| UNetConfig {
         num_class_embeds: None,
+        resnet_time_scale_shift: TimeScaleShift::Default,
         ..u.clone()
     };
     strip(a) == strip(b)
@@ -364,6 +386,11 @@ fn contradictions(args: &TrainArgs, config: &RunConfig) -> Vec<(String, String, 
                 opt(args.limit.map(|v| v.to_string())),
                 opt(config.limit.map(|v| v.to_string())),
                 args.limit == config.limit,
+            ),
+            "resnet_time_scale_shift" => (
+                flag_value(&args.resnet_time_scale_shift),
+                stored_enum(&unet.resnet_time_scale_shift, time_scale_shift_of),
+                time_scale_shift_of(args.resnet_time_scale_shift) == unet.resnet_time_scale_shift,
             ),
             "conditional" => plain(&args.conditional, &config.conditional),
             "p_uncond" => plain(&args.p_uncond, &config.p_uncond),
@@ -642,10 +669,21 @@ fn new_config(args: &TrainArgs, set_probe: &ImageSet) -> Result<RunConfig> {
                 set_probe.size,
                 set_probe.channels
             );
+            let wanted = time_scale_shift_of(args.resnet_time_scale_shift);
+            ensure!(
+                !args.given.iter().any(|id| id == "resnet_time_scale_shift")
+                    || wanted == info.unet.resnet_time_scale_shift,
+                "--resnet-time-scale-shift {}: the --init model {} was built with {} (its \
+                 architecture is kept); drop the flag",
+                flag_value(&args.resnet_time_scale_shift),
+                path.display(),
+                stored_enum(&info.unet.resnet_time_scale_shift, time_scale_shift_of)
+            );
             info
         }
         None => {
-            let unet = args.model.config(set_probe.size, set_probe.channels);
+            let mut unet = args.model.config(set_probe.size, set_probe.channels);
+            unet.resnet_time_scale_shift = time_scale_shift_of(args.resnet_time_scale_shift);
             unet.validate().with_context(|| {
                 format!(
                     "--model {:?} does not fit {}x{} images",

@@ -632,3 +632,110 @@ fn zero_terminal_snr_trains_and_stays_with_the_run() {
     );
     assert_eq!(snapshot(&plain), before, "the resumed run was touched");
 }
+
+#[test]
+fn scale_shift_blocks_train_and_stay_with_the_run() {
+    let dir = temp_dir("scale-shift");
+    let plain = dir.join("plain");
+    ok(&with_flags(
+        train_args(p(&plain), "2"),
+        &["--sample-every", "0"],
+    ));
+    let run = dir.join("run");
+    ok(&with_flags(
+        train_args(p(&run), "2"),
+        &[
+            "--resnet-time-scale-shift",
+            "scale-shift",
+            "--sample-every",
+            "0",
+        ],
+    ));
+    let config = read_json(&run.join("config.json"));
+    assert_eq!(
+        config["model"]["unet"]["resnet_time_scale_shift"],
+        "scale_shift"
+    );
+    assert!(losses(&run).iter().all(|(_, l)| l.is_finite()));
+    // Each ResNet block's timestep projection gives a scale and a shift per channel: twice the
+    // additive block's outputs. As in diffusers, the middle block's attention then has no group
+    // norm of its own; every other weight is the same size.
+    let a = weights(&plain.join("model.safetensors"));
+    let b: std::collections::BTreeMap<_, _> = weights(&run.join("model.safetensors"))
+        .into_iter()
+        .collect();
+    let mut projections = 0;
+    let mut missing = Vec::new();
+    for (name, va) in &a {
+        match b.get(name) {
+            None => missing.push(name.as_str()),
+            Some(vb) if name.contains("time_emb_proj") => {
+                projections += 1;
+                assert_eq!(vb.len(), 2 * va.len(), "{name}");
+            }
+            Some(vb) => assert_eq!(vb.len(), va.len(), "{name}"),
+        }
+    }
+    assert_eq!(
+        missing,
+        [
+            "mid_block.attentions.0.group_norm.bias",
+            "mid_block.attentions.0.group_norm.weight"
+        ]
+    );
+    assert_eq!(a.len(), b.len() + 2);
+    assert_eq!(
+        projections,
+        2 * 8,
+        "weight and bias of the tiny UNet's 8 ResNet blocks"
+    );
+
+    // Agreeing on resume continues (--model names the preset, whatever the blocks).
+    ok(&[
+        "train",
+        "--resume",
+        p(&run),
+        "--steps",
+        "3",
+        "--model",
+        "tiny",
+        "--resnet-time-scale-shift",
+        "scale-shift",
+        "--backend",
+        "cpu",
+    ]);
+    assert_eq!(losses(&run).len(), 3);
+    // Contradicting it is refused, and nothing is touched.
+    let before = snapshot(&run);
+    let text = fails(&[
+        "train",
+        "--resume",
+        p(&run),
+        "--steps",
+        "4",
+        "--resnet-time-scale-shift",
+        "default",
+    ]);
+    assert!(
+        text.contains("--resnet-time-scale-shift default: the run was trained with scale-shift"),
+        "{text}"
+    );
+    assert_eq!(snapshot(&run), before, "the resumed run was touched");
+    // --init keeps its model's blocks; asking for others is refused before anything is written.
+    let tuned = dir.join("tuned");
+    let text = fails(&with_flags(
+        train_args(p(&tuned), "2"),
+        &[
+            "--init",
+            p(&plain.join("model.safetensors")),
+            "--resnet-time-scale-shift",
+            "scale-shift",
+        ],
+    ));
+    assert!(
+        text.contains("--resnet-time-scale-shift scale-shift: the --init model")
+            && text.contains("was built with default"),
+        "{text}"
+    );
+    assert!(!tuned.exists());
+}
