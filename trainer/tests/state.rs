@@ -121,6 +121,13 @@ fn the_committed_small_state_continues() {
     committed_state_continues("fashion-mnist-small");
 }
 
+/// The same for the committed state of the AdaGN (`--resnet-time-scale-shift scale-shift`) run
+/// of the `tiny` UNet (docs/recipes.md).
+#[test]
+fn the_committed_adagn_state_continues() {
+    committed_state_continues("fashion-mnist-adagn");
+}
+
 fn committed_state_continues(name: &str) {
     let state = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../training")
