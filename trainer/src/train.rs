@@ -169,7 +169,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "small")]
     pub model: ModelSize,
     /// How the timestep and class embedding enter each ResNet block (diffusers'
-    /// `resnet_time_scale_shift`; ignored with --init, whose model decides).
+    /// `resnet_time_scale_shift`). With --init the model file decides; another value is refused.
     #[arg(long, value_enum, default_value = "default")]
     pub resnet_time_scale_shift: TimeScaleShiftArg,
     /// Condition on class labels, with label dropout for classifier-free guidance.
