@@ -256,6 +256,13 @@ pub struct TrainArgs {
     pub given: Vec<String>,
 }
 
+impl TrainArgs {
+    /// Whether the flag with clap id `id` was given on the command line.
+    fn is_given(&self, id: &str) -> bool {
+        self.given.iter().any(|g| g == id)
+    }
+}
+
 fn schedule_of(arg: ScheduleArg) -> BetaSchedule {
     match arg {
         ScheduleArg::Linear => BetaSchedule::Linear,
@@ -466,38 +473,37 @@ fn resume_config(args: &TrainArgs, dir: &Path, mut config: RunConfig) -> Result<
             if found.len() == 1 { "it" } else { "them" },
         );
     }
-    let given = |id: &str| args.given.iter().any(|g| g == id);
     if let Some(steps) = args.steps {
         config.steps = steps;
     }
-    if given("lr") {
+    if args.is_given("lr") {
         check_lr(args.lr)?;
         config.lr = args.lr;
     }
-    if given("lr_schedule") {
+    if args.is_given("lr_schedule") {
         config.lr_schedule = args.lr_schedule;
     }
-    if given("input_perturbation") {
+    if args.is_given("input_perturbation") {
         check_input_perturbation(args.input_perturbation)?;
         config.input_perturbation = args.input_perturbation;
     }
-    if given("log_every") {
+    if args.is_given("log_every") {
         config.log_every = args.log_every.max(1);
     }
-    if given("checkpoint_every") {
+    if args.is_given("checkpoint_every") {
         ensure!(
             args.checkpoint_every > 0,
             "--checkpoint-every must be at least 1"
         );
         config.checkpoint_every = args.checkpoint_every;
     }
-    if given("sample_every") {
+    if args.is_given("sample_every") {
         config.sample_every = args.sample_every;
     }
-    if given("sample_steps") {
+    if args.is_given("sample_steps") {
         config.sample_steps = args.sample_steps;
     }
-    if given("keep") {
+    if args.is_given("keep") {
         config.keep = args.keep;
     }
     Ok(config)
@@ -671,7 +677,7 @@ fn new_config(args: &TrainArgs, set_probe: &ImageSet) -> Result<RunConfig> {
             );
             let wanted = time_scale_shift_of(args.resnet_time_scale_shift);
             ensure!(
-                !args.given.iter().any(|id| id == "resnet_time_scale_shift")
+                !args.is_given("resnet_time_scale_shift")
                     || wanted == info.unet.resnet_time_scale_shift,
                 "--resnet-time-scale-shift {}: the --init model {} was built with {} (its \
                  architecture is kept); drop the flag",

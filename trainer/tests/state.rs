@@ -92,6 +92,13 @@ fn max_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// A 2-step run of `train_args` at `run` with `flags` added, writing no sample grids.
+fn two_steps(run: &Path, flags: &[&str]) {
+    let mut flags = flags.to_vec();
+    flags.extend(["--sample-every", "0"]);
+    ok(&with_flags(train_args(p(run), "2"), &flags));
+}
+
 fn newest_checkpoint(run: &Path) -> PathBuf {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
@@ -430,10 +437,7 @@ fn bad_states_and_flags_are_refused() {
 fn a_resumed_run_takes_a_new_learning_rate() {
     let dir = temp_dir("lr");
     let run = dir.join("run");
-    ok(&with_flags(
-        train_args(p(&run), "2"),
-        &["--sample-every", "0"],
-    ));
+    two_steps(&run, &[]);
     let fresh = dir.join("fresh");
     let text = fails(&[
         "train",
@@ -499,10 +503,7 @@ fn a_resumed_run_takes_a_new_learning_rate() {
 fn a_resumed_run_takes_input_perturbation() {
     let dir = temp_dir("perturb");
     let run = dir.join("run");
-    ok(&with_flags(
-        train_args(p(&run), "2"),
-        &["--sample-every", "0"],
-    ));
+    two_steps(&run, &[]);
     let before = snapshot(&run);
     let bad = dir.join("bad");
     let text = fails(&[
@@ -578,16 +579,7 @@ fn zero_terminal_snr_trains_and_stays_with_the_run() {
     assert!(!eps.exists());
 
     let run = dir.join("run");
-    ok(&with_flags(
-        train_args(p(&run), "2"),
-        &[
-            "--zero-terminal-snr",
-            "--prediction",
-            "v",
-            "--sample-every",
-            "0",
-        ],
-    ));
+    two_steps(&run, &["--zero-terminal-snr", "--prediction", "v"]);
     let config = read_json(&run.join("config.json"));
     assert_eq!(config["model"]["schedule"]["rescale_betas_zero_snr"], true);
     assert!(losses(&run).iter().all(|(_, l)| l.is_finite()));
@@ -620,10 +612,7 @@ fn zero_terminal_snr_trains_and_stays_with_the_run() {
     ]);
     assert_eq!(losses(&run).len(), 3);
     let plain = dir.join("plain");
-    ok(&with_flags(
-        train_args(p(&plain), "2"),
-        &["--prediction", "v", "--sample-every", "0"],
-    ));
+    two_steps(&plain, &["--prediction", "v"]);
     let before = snapshot(&plain);
     let text = fails(&[
         "train",
@@ -644,20 +633,9 @@ fn zero_terminal_snr_trains_and_stays_with_the_run() {
 fn scale_shift_blocks_train_and_stay_with_the_run() {
     let dir = temp_dir("scale-shift");
     let plain = dir.join("plain");
-    ok(&with_flags(
-        train_args(p(&plain), "2"),
-        &["--sample-every", "0"],
-    ));
+    two_steps(&plain, &[]);
     let run = dir.join("run");
-    ok(&with_flags(
-        train_args(p(&run), "2"),
-        &[
-            "--resnet-time-scale-shift",
-            "scale-shift",
-            "--sample-every",
-            "0",
-        ],
-    ));
+    two_steps(&run, &["--resnet-time-scale-shift", "scale-shift"]);
     let config = read_json(&run.join("config.json"));
     assert_eq!(
         config["model"]["unet"]["resnet_time_scale_shift"],
