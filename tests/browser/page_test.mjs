@@ -1,6 +1,6 @@
 // The page end to end in a real browser: Debian's headless Chromium, driven by puppeteer-core.
 //
-//   node tests/browser/page_test.mjs dist native.npy native-settings.json
+//   node tests/browser/page_test.mjs dist native.npy native-settings.json [other.safetensors other.npy]
 //
 // `dist` is the output of `trunk build --release`; `native.npy` holds `ddpm sample`'s output for
 // the settings in the JSON file (run natively on the CPU from the same bundled model). Checks:
@@ -25,15 +25,18 @@
 //  7. The two wasm modules: each browser runs the relaxed-SIMD one where relaxed SIMD validates
 //     (and its backend note says so), else the plain one; where it runs the relaxed one, the
 //     plain one gives the native samples too.
+//  8. Another model file chosen on the page (run.sh passes an AdaGN one: scale-shift ResNet
+//     blocks, no norm in the middle attention) loads and samples its native images on WebGPU and
+//     on the CPU.
 import { execFileSync } from "node:child_process";
 import { readFileSync, mkdtempSync, writeFileSync } from "node:fs";
-import { join, resolve } from "node:path";
+import { basename, join, resolve } from "node:path";
 import { tmpdir } from "node:os";
 import puppeteer from "puppeteer-core";
 import { encodePng } from "./png.mjs";
 import { chromiumArgs, serve } from "./serve.mjs";
 
-const [distArg, npyPath, settingsPath] = process.argv.slice(2);
+const [distArg, npyPath, settingsPath, otherModel, otherNpyPath] = process.argv.slice(2);
 const dist = resolve(distArg ?? "dist");
 const settings = JSON.parse(readFileSync(settingsPath, "utf8"));
 const chromium = process.env.CHROMIUM ?? "/usr/bin/chromium";
@@ -50,6 +53,7 @@ function readNpy(path) {
   return new Float32Array(copy);
 }
 const native = readNpy(npyPath);
+const otherNative = otherNpyPath ? readNpy(otherNpyPath) : null;
 const ddpm = process.env.DDPM ?? "target/debug/ddpm";
 const model = process.env.DDPM_MODEL ?? "web/assets/fashion-mnist.safetensors";
 const work = mkdtempSync(join(tmpdir(), "ddpm-edit-"));
@@ -111,7 +115,7 @@ function maxDiff(a, b) {
 // The canvas against the native samples quantised as the page does ((v + 1) · 127.5, rounded),
 // laid out in the page's grid: the largest difference in grey levels, and the spread of the
 // canvas (a blank canvas has none).
-async function canvasVsNative(page, n, size) {
+async function canvasVsNative(page, n, size, expected = native) {
   const canvas = await page.evaluate(() => {
     const c = document.getElementById("canvas");
     const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
@@ -122,7 +126,7 @@ async function canvasVsNative(page, n, size) {
   for (let i = 0; i < n; i++) {
     for (let y = 0; y < size; y++) {
       for (let x = 0; x < size; x++) {
-        const v = native[i * size * size + y * size + x];
+        const v = expected[i * size * size + y * size + x];
         const want = Math.floor((Math.min(1, Math.max(-1, v)) + 1) * 127.5 + 0.5);
         const px = (i % cols) * size + x;
         const py = Math.floor(i / cols) * size + y;
@@ -136,14 +140,14 @@ async function canvasVsNative(page, n, size) {
   return { worst, sd };
 }
 
-async function sameAsNative(page, label) {
+async function sameAsNative(page, label, expected = native) {
   await setInputs(page, settings.inputs);
   const { last, error, ms } = await generate(page);
   check(!error && last, `${label}: generation finished (${ms} ms)${error ? `: ${error}` : ""}`);
   if (!last) return;
-  const diff = maxDiff(last.pixels, native);
+  const diff = maxDiff(last.pixels, expected);
   check(diff <= 1e-3, `${label}: samples equal the native ones (max |diff| ${diff.toExponential(2)} ≤ 1e-3)`);
-  const { worst, sd } = await canvasVsNative(page, settings.inputs.n, last.size);
+  const { worst, sd } = await canvasVsNative(page, settings.inputs.n, last.size, expected);
   check(sd > 5 && worst <= 1,
     `${label}: the canvas shows the native images (max ${worst} grey level(s) apart, spread ${sd.toFixed(1)})`);
   const first = await page.evaluate(() => window.ddpmPage.firstStepMs);
@@ -457,6 +461,20 @@ async function corruptFile(page, label) {
   await sameAsNative(page, `${label} after the bad file`);
 }
 
+// Another model file chosen with the page's file input replaces the bundled one, and samples the
+// images `ddpm sample` draws from it natively.
+async function loadsOtherModel(page, label) {
+  if (!otherModel) return;
+  const name = basename(otherModel);
+  await page.evaluate(() => { window.ddpmPage.error = ""; });
+  await (await page.$("#file")).uploadFile(otherModel);
+  await page.waitForFunction((name) => window.ddpmPage.modelName === name || window.ddpmPage.error, { timeout: 60_000 }, name);
+  const [loaded, error, text] = await page.evaluate(() =>
+    [window.ddpmPage.modelName, window.ddpmPage.error, document.getElementById("model").textContent]);
+  check(loaded === name && !error, `${label}: ${name} loads from the file input ("${text}"${error ? `; ${error}` : ""})`);
+  if (loaded === name) await sameAsNative(page, `${label} with ${name}`, otherNative);
+}
+
 // Cancel a long run.
 async function cancelRun(page, label) {
   await setInputs(page, { ...settings.inputs, steps: 1000, sampler: "ddpm" });
@@ -478,6 +496,7 @@ try {
     check(backend === "webgpu" && /in a worker/.test(note), `WebGPU page runs on webgpu, in a worker (got ${backend}: "${note}")`);
     await sameAsNative(page, "webgpu");
     await editsMatchNative(page, "webgpu");
+    await loadsOtherModel(page, "webgpu");
     await browser.close();
   }
   // 2. CPU fallback, then bad input on the same page.
@@ -529,6 +548,7 @@ try {
     await workersAgree(page);
     await workerDies(page);
     await withoutWorkers(browser);
+    await loadsOtherModel(page, "cpu");
 
     // The embedding example for editing (examples/edit.html) runs to its end without errors.
     const errors = [];

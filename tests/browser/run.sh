@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The browser test: a native reference sample from the bundled model, then the built page in
-# headless Chromium and Firefox ESR (tests/browser/page_test.mjs), then the npm package bundled
-# into an embedder's page (tests/browser/package_test.mjs). Needs `trunk build --release` output
-# in dist/, target/debug/ddpm, node_modules (npm ci), /usr/bin/chromium and /usr/bin/firefox-esr.
+# headless Chromium and Firefox ESR (tests/browser/page_test.mjs; it also loads another model
+# file, an AdaGN one, with the page's file input), then the npm package bundled into an
+# embedder's page (tests/browser/package_test.mjs). Needs `trunk build --release` output in
+# dist/, target/debug/ddpm, node_modules (npm ci), /usr/bin/chromium and /usr/bin/firefox-esr.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 work="$(mktemp -d)"
@@ -14,6 +15,12 @@ cat > "$work/settings.json" <<JSON
 JSON
 target/debug/ddpm sample --model web/assets/fashion-mnist.safetensors --sampler ddim --steps 4 \
   --seed 3 --n 4 --class 0 --guidance 2 --backend cpu --format npy --out "$work/native.npy"
-node tests/browser/page_test.mjs dist "$work/native.npy" "$work/settings.json"
+# A model file with AdaGN ResNet blocks (--resnet-time-scale-shift scale-shift), from the committed
+# state of that run, for the page's file input; and its native sample.
+target/debug/ddpm export --checkpoint training/fashion-mnist-adagn --f16 --out "$work/adagn.safetensors"
+target/debug/ddpm sample --model "$work/adagn.safetensors" --sampler ddim --steps 4 \
+  --seed 3 --n 4 --class 0 --guidance 2 --backend cpu --format npy --out "$work/adagn.npy"
+node tests/browser/page_test.mjs dist "$work/native.npy" "$work/settings.json" \
+  "$work/adagn.safetensors" "$work/adagn.npy"
 scripts/package.sh
 node tests/browser/package_test.mjs pkg "$work/native.npy" "$work/settings.json" dist/fashion-mnist.safetensors
