@@ -447,15 +447,23 @@ async function withoutWorkers(browser) {
   await page.close();
 }
 
+// Choose a model file with the page's file input; wait until the page has loaded it or given a
+// message, and return the page's model name, message and model line.
+async function uploadModel(page, path) {
+  await page.evaluate(() => { window.ddpmPage.error = ""; });
+  await (await page.$("#file")).uploadFile(path);
+  await page.waitForFunction((name) => window.ddpmPage.modelName === name || window.ddpmPage.error,
+    { timeout: 60_000 }, basename(path));
+  return page.evaluate(() => ({
+    loaded: window.ddpmPage.modelName, error: window.ddpmPage.error, text: document.getElementById("model").textContent,
+  }));
+}
+
 // A truncated model file: a message on the page, and the previous model keeps working.
 async function corruptFile(page, label) {
   const bad = join(mkdtempSync(join(tmpdir(), "ddpm-bad-")), "broken.safetensors");
   writeFileSync(bad, readFileSync(join(dist, "fashion-mnist.safetensors")).subarray(0, 5000));
-  await page.evaluate(() => { window.ddpmPage.error = ""; });
-  const input = await page.$("#file");
-  await input.uploadFile(bad);
-  await page.waitForFunction(() => window.ddpmPage.error, { timeout: 60_000 });
-  const error = await page.evaluate(() => window.ddpmPage.error);
+  const { error } = await uploadModel(page, bad);
   check(/Could not load broken\.safetensors: invalid model file/.test(error) && /Still using/.test(error),
     `${label}: a truncated model file gives a message ("${error.replace(/\n/g, " / ")}")`);
   await sameAsNative(page, `${label} after the bad file`);
@@ -466,11 +474,7 @@ async function corruptFile(page, label) {
 async function loadsOtherModel(page, label) {
   if (!otherModel) return;
   const name = basename(otherModel);
-  await page.evaluate(() => { window.ddpmPage.error = ""; });
-  await (await page.$("#file")).uploadFile(otherModel);
-  await page.waitForFunction((name) => window.ddpmPage.modelName === name || window.ddpmPage.error, { timeout: 60_000 }, name);
-  const [loaded, error, text] = await page.evaluate(() =>
-    [window.ddpmPage.modelName, window.ddpmPage.error, document.getElementById("model").textContent]);
+  const { loaded, error, text } = await uploadModel(page, otherModel);
   check(loaded === name && !error, `${label}: ${name} loads from the file input ("${text}"${error ? `; ${error}` : ""})`);
   if (loaded === name) await sameAsNative(page, `${label} with ${name}`, otherNative);
 }

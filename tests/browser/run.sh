@@ -13,13 +13,16 @@ trap 'rm -rf "$work"' EXIT
 cat > "$work/settings.json" <<JSON
 { "inputs": { "sampler": "ddim", "steps": 4, "seed": 3, "n": 4, "class": 0, "guidance": 2, "every": 1 } }
 JSON
-target/debug/ddpm sample --model web/assets/fashion-mnist.safetensors --sampler ddim --steps 4 \
-  --seed 3 --n 4 --class 0 --guidance 2 --backend cpu --format npy --out "$work/native.npy"
+# `ddpm sample` with those settings: native_sample MODEL OUT.npy
+native_sample() {
+  target/debug/ddpm sample --model "$1" --sampler ddim --steps 4 \
+    --seed 3 --n 4 --class 0 --guidance 2 --backend cpu --format npy --out "$2"
+}
+native_sample web/assets/fashion-mnist.safetensors "$work/native.npy"
 # A model file with AdaGN ResNet blocks (--resnet-time-scale-shift scale-shift), from the committed
 # state of that run, for the page's file input; and its native sample.
 target/debug/ddpm export --checkpoint training/fashion-mnist-adagn --f16 --out "$work/adagn.safetensors"
-target/debug/ddpm sample --model "$work/adagn.safetensors" --sampler ddim --steps 4 \
-  --seed 3 --n 4 --class 0 --guidance 2 --backend cpu --format npy --out "$work/adagn.npy"
+native_sample "$work/adagn.safetensors" "$work/adagn.npy"
 node tests/browser/page_test.mjs dist "$work/native.npy" "$work/settings.json" \
   "$work/adagn.safetensors" "$work/adagn.npy"
 scripts/package.sh
