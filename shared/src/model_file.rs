@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::diffusion::PredictionType;
 use crate::error::{Error, Result};
+use crate::sampler::TimestepSpacing;
 use crate::schedule::ScheduleConfig;
 use crate::unet::{UNet, UNetConfig};
 
@@ -47,6 +48,13 @@ pub struct ModelInfo {
     /// Free-form facts about training (data set, steps, seed, time, hardware ...).
     #[serde(default)]
     pub training: BTreeMap<String, serde_json::Value>,
+    /// The timestep spacing the model samples with when the caller chooses none, for every
+    /// sampler: diffusers' `timestep_spacing` in the model's `scheduler_config.json`. `None`
+    /// leaves each sampler its own diffusers default (see [`SamplerOptions::for_model`]).
+    ///
+    /// [`SamplerOptions::for_model`]: crate::sampler::SamplerOptions::for_model
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestep_spacing: Option<TimestepSpacing>,
 }
 
 impl ModelInfo {
@@ -58,6 +66,7 @@ impl ModelInfo {
             prediction: PredictionType::default(),
             class_names: Vec::new(),
             training: BTreeMap::new(),
+            timestep_spacing: None,
         }
     }
 
@@ -521,6 +530,9 @@ pub fn import_diffusers(
         if let Some(p) = value.get("prediction_type") {
             info.prediction = serde_json::from_value(p.clone()).map_err(json_err)?;
         }
+        if let Some(s) = value.get("timestep_spacing") {
+            info.timestep_spacing = serde_json::from_value(s.clone()).map_err(json_err)?;
+        }
     }
     info.training
         .insert("source".into(), serde_json::json!("diffusers import"));
@@ -625,6 +637,38 @@ mod tests {
             }
         }
         assert_eq!(checked, num_params(&model));
+    }
+
+    /// A model's timestep spacing survives its file; a file that names none (every file written
+    /// before the field existed) reads as none; `import_diffusers` takes it from the scheduler
+    /// config, as diffusers' pipelines do, and names that file when the value is unknown.
+    #[test]
+    fn timestep_spacing_is_stored_and_imported() {
+        let (model, mut info, bytes) = tiny_file(StoreDType::F32);
+        assert_eq!(read_info(&bytes).unwrap().timestep_spacing, None);
+        let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+        assert!(!meta.metadata().as_ref().unwrap()["model"].contains("timestep_spacing"));
+        info.timestep_spacing = Some(TimestepSpacing::Trailing);
+        let with = save(&model, &info, StoreDType::F32).unwrap();
+        assert_eq!(read_info(&with).unwrap(), info);
+
+        let config = serde_json::to_string(&info.unet).unwrap();
+        let import = |scheduler: &str| {
+            import_diffusers(&config, Some(scheduler), &bytes, &Device::flex()).map(|(_, i)| i)
+        };
+        let imported = import(r#"{"num_train_timesteps": 1000, "timestep_spacing": "linspace"}"#);
+        assert_eq!(
+            imported.unwrap().timestep_spacing,
+            Some(TimestepSpacing::Linspace)
+        );
+        assert_eq!(import("{}").unwrap().timestep_spacing, None);
+        let err = import(r#"{"timestep_spacing": "middle"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("scheduler_config.json") && err.contains("middle"),
+            "{err}"
+        );
     }
 
     #[test]

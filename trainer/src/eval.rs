@@ -432,12 +432,12 @@ pub struct EvalArgs {
 }
 
 /// Generate `n` images (classes in turn for a class-conditional model); returns the flattened
-/// pixels and the requested classes.
+/// pixels, the requested classes and the timestep spacing used (the flag's, else the model's).
 fn generate(
     args: &EvalArgs,
     model_path: &Path,
     backend: &Selected,
-) -> Result<(Vec<f32>, Vec<u32>)> {
+) -> Result<(Vec<f32>, Vec<u32>, Option<TimestepSpacing>)> {
     let device = &backend.device;
     let bytes = checkpoint::read(model_path)?;
     let (model, info) = model_file::load(&bytes, device)
@@ -453,6 +453,7 @@ fn generate(
     );
     let schedule = crate::sample::schedule_for(&info, args.sampling.steps)?;
     let classes = info.num_classes();
+    let sampler_options = args.sampling.options(true, args.guidance).for_model(&info);
     let mut pixels = Vec::with_capacity(args.n * SIDE * SIDE);
     let mut requested = Vec::new();
     let mut done = 0;
@@ -477,7 +478,7 @@ fn generate(
             &schedule,
             info.prediction,
             args.sampling.steps,
-            &args.sampling.options(true, args.guidance),
+            &sampler_options,
         )?;
         let generation = Generation::new(&model, &info, sampler, &options, device)?
             .with_batch_threads(backend.batch_threads);
@@ -490,7 +491,7 @@ fn generate(
         bar.set_position(done as u64);
     }
     bar.finish_and_clear();
-    Ok((pixels, requested))
+    Ok((pixels, requested, sampler_options.timestep_spacing))
 }
 
 /// One line of the report.
@@ -585,7 +586,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         selected.name
     );
 
-    let (samples, requested) = generate(&args, &args.model, &selected)?;
+    let (samples, requested, spacing) = generate(&args, &args.model, &selected)?;
     let n = args.n;
     let (sample_features, sample_predicted) = classify(&classifier, &samples, &device);
     // Precision and recall against as many test images as there are samples.
@@ -752,7 +753,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             "sampler": args.sampling.sampler.to_string(),
             "steps": args.sampling.steps,
             "eta": args.sampling.eta,
-            "timestep_spacing": args.sampling.timestep_spacing.map(TimestepSpacing::name),
+            "timestep_spacing": spacing.map(TimestepSpacing::name),
             "guidance": args.guidance,
             "classifier_test_accuracy": test_accuracy,
             "classifier_train_accuracy": train_accuracy,

@@ -64,7 +64,8 @@ pub fn save_png(image: &RgbaImage, path: &Path) -> Result<()> {
     crate::checkpoint::write_atomic(path, &bytes)
 }
 
-/// DDIM with diffusers' defaults: the sampler of the training grids and of `ddpm bench`.
+/// DDIM with diffusers' defaults and the model's timestep spacing: the sampler of the training
+/// grids and of `ddpm bench`.
 pub fn ddim(
     schedule: &NoiseSchedule,
     info: &ModelInfo,
@@ -75,7 +76,7 @@ pub fn ddim(
         schedule,
         info.prediction,
         steps,
-        &SamplerOptions::default(),
+        &SamplerOptions::default().for_model(info),
     )
 }
 

@@ -73,8 +73,9 @@ pub struct SamplerArgs {
     #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
     /// Which of the T training timesteps the steps visit (diffusers' `timestep_spacing`):
-    /// leading (starts below T−1), trailing (starts at T−1) or linspace. Default: the
-    /// sampler's diffusers default (leading for ddpm and ddim, linspace for dpm-solver++).
+    /// leading (starts below T−1), trailing (starts at T−1) or linspace. Default: the model
+    /// file's spacing, else the sampler's diffusers default (leading for ddpm and ddim,
+    /// linspace for dpm-solver++).
     #[arg(long, value_parser = parse_named::<TimestepSpacing>)]
     pub timestep_spacing: Option<TimestepSpacing>,
 }
@@ -269,7 +270,9 @@ impl Loaded {
         out: &OutputArgs,
     ) -> Result<Box<dyn ddpm::sampler::Sampler + Send>> {
         let schedule = schedule_for(&self.info, args.steps)?;
-        let options = args.options(!out.no_clip, out.guidance);
+        let options = args
+            .options(!out.no_clip, out.guidance)
+            .for_model(&self.info);
         Ok(build_sampler(
             args.sampler,
             &schedule,
@@ -433,6 +436,12 @@ pub struct ExportArgs {
     /// state there. `ddpm train --resume DIR --out RUN` continues it.
     #[arg(long, conflicts_with = "out")]
     pub state: Option<PathBuf>,
+    /// Record in the model file the timestep spacing it samples with when none is asked for
+    /// (diffusers' `timestep_spacing` in a scheduler config): leading, trailing or linspace.
+    /// `ddpm sample`, `eval`, the edit commands and the page then use it for every sampler;
+    /// their own `--timestep-spacing` still overrides it. Default: keep the source's.
+    #[arg(long, conflicts_with = "state", value_parser = parse_named::<TimestepSpacing>)]
+    pub timestep_spacing: Option<TimestepSpacing>,
 }
 
 fn export_source(path: &Path) -> Result<PathBuf> {
@@ -504,11 +513,18 @@ pub fn export(args: ExportArgs) -> Result<()> {
     let source = export_source(&args.checkpoint)?;
     let bytes = checkpoint::read(&source)?;
     let device = burn::tensor::Device::flex();
-    let (model, info) = model_file::load(&bytes, &device)
+    let (model, mut info) = model_file::load(&bytes, &device)
         .with_context(|| format!("{} is not a usable model file", source.display()))?;
+    if args.timestep_spacing.is_some() {
+        info.timestep_spacing = args.timestep_spacing;
+    }
     let out = write_model(&model, &info, args.f16, out_path)?;
+    let spacing = info
+        .timestep_spacing
+        .map(|s| format!(", samples with {s} timestep spacing"))
+        .unwrap_or_default();
     println!(
-        "wrote {} ({:.2} MB, {} parameters, {}) from {}",
+        "wrote {} ({:.2} MB, {} parameters, {}{spacing}) from {}",
         out_path.display(),
         out.len() as f64 / 1e6,
         model_file::num_params(&model),
@@ -628,16 +644,23 @@ mod tests {
 
     /// The timesteps a sampler built from these flags visits, T = 1000.
     fn timesteps(flags: &[&str]) -> Vec<usize> {
+        timesteps_for(flags, None)
+    }
+
+    /// The same for a model file that records `spacing` as its own.
+    fn timesteps_for(flags: &[&str], spacing: Option<TimestepSpacing>) -> Vec<usize> {
         let args = Cli::try_parse_from(std::iter::once("ddpm").chain(flags.iter().copied()))
             .unwrap()
             .sampling;
         let schedule = NoiseSchedule::new(&ScheduleConfig::default()).unwrap();
+        let mut info = model_file::ModelInfo::new(Default::default());
+        info.timestep_spacing = spacing;
         build_sampler(
             args.sampler,
             &schedule,
             Default::default(),
             args.steps,
-            &args.options(true, 1.0),
+            &args.options(true, 1.0).for_model(&info),
         )
         .unwrap()
         .timesteps()
@@ -674,6 +697,28 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    /// A model file's own spacing replaces every sampler's diffusers default, and
+    /// `--timestep-spacing` still overrides it.
+    #[test]
+    fn the_model_files_spacing_is_the_default() {
+        let trailing = Some(TimestepSpacing::Trailing);
+        // DPM-Solver++'s leading spacing takes N + 1 points and drops the last, as diffusers'.
+        for (sampler, leading) in [
+            ("ddim", [750, 500, 250, 0]),
+            ("ddpm", [750, 500, 250, 0]),
+            ("dpm-solver++", [800, 600, 400, 200]),
+        ] {
+            let base = ["--sampler", sampler, "--steps", "4"];
+            assert_eq!(
+                timesteps_for(&base, trailing),
+                [999, 749, 499, 249],
+                "{sampler}"
+            );
+            let flag = [&base[..], &["--timestep-spacing", "leading"]].concat();
+            assert_eq!(timesteps_for(&flag, trailing), leading, "{sampler}");
+        }
     }
 
     /// The label of a run names η and the spacing only where they are not the defaults.

@@ -119,6 +119,49 @@ fn train_resume_sample_export() {
         .fold(0.0, f32::max);
     assert!(diff < 0.05, "f16 export changes samples by {diff}");
 
+    // A timestep spacing recorded at export is the file's default (the same samples as the
+    // flag on the plain file, other ones than without it); the flag still overrides it.
+    let trailing = dir.join("trailing.safetensors");
+    let text = ok(&[
+        "export",
+        "--checkpoint",
+        p(&small),
+        "--timestep-spacing",
+        "trailing",
+        "--out",
+        p(&trailing),
+    ]);
+    assert!(
+        text.contains("samples with trailing timestep spacing"),
+        "{text}"
+    );
+    let [by_file, by_flag, by_override] = ["t1.npy", "t2.npy", "t3.npy"].map(|f| dir.join(f));
+    sample(&trailing, &npy, &by_file);
+    let flag = [&npy[..], &["--timestep-spacing", "trailing"]].concat();
+    sample(&small, &flag, &by_flag);
+    assert_eq!(read_npy(&by_file), read_npy(&by_flag));
+    assert_ne!(read_npy(&by_file), read_npy(&b));
+    let leading = [&npy[..], &["--timestep-spacing", "leading"]].concat();
+    sample(&trailing, &leading, &by_override);
+    assert_eq!(read_npy(&by_override), read_npy(&b));
+    let text = fails(&[
+        "export",
+        "--checkpoint",
+        p(&small),
+        "--timestep-spacing",
+        "middle",
+        "--out",
+        p(&trailing),
+    ]);
+    assert!(
+        text.contains("unknown timestep spacing \"middle\""),
+        "{text}"
+    );
+    assert_eq!(read_npy(&by_file), {
+        sample(&trailing, &npy, &by_override);
+        read_npy(&by_override)
+    });
+
     // Evaluation: the figures and the reference rows, also as JSON.
     let report = dir.join("eval.json");
     let text = ok(&[

@@ -34,8 +34,9 @@ export interface SampleOptions {
   steps?: number;
   /** Default "ddim". */
   sampler?: SamplerName;
-  /** Default: the sampler's diffusers default ("leading"; "linspace" for DPM-Solver++).
-   *  "trailing" starts at the last training timestep. */
+  /** Default: the model file's own spacing (`ddpm export --timestep-spacing`), else the
+   *  sampler's diffusers default ("leading"; "linspace" for DPM-Solver++). "trailing" starts
+   *  at the last training timestep. */
   timestepSpacing?: TimestepSpacing;
   /** Seed of the initial noise and every later draw. Default 0. */
   seed?: number;
@@ -657,6 +658,7 @@ fn sampler_for(
         timestep_spacing: p.spacing,
         ..SamplerOptions::default()
     }
+    .for_model(info)
     .guided(p.generate.guidance);
     build_sampler(
         p.kind,

@@ -39,6 +39,7 @@ pub use dpm_solver::{
 
 use crate::diffusion::PredictionType;
 use crate::error::{Error, Result};
+use crate::model_file::ModelInfo;
 use crate::schedule::NoiseSchedule;
 
 /// Both outputs of one sampler step.
@@ -364,6 +365,16 @@ pub struct SamplerOptions {
 }
 
 impl SamplerOptions {
+    /// These options for a run of the model `info`: where no timestep spacing was chosen, the
+    /// model's own ([`ModelInfo::timestep_spacing`], as diffusers reads `timestep_spacing` from
+    /// a pipeline's scheduler config).
+    pub fn for_model(self, info: &ModelInfo) -> Self {
+        Self {
+            timestep_spacing: self.timestep_spacing.or(info.timestep_spacing),
+            ..self
+        }
+    }
+
     /// These options for a run with classifier-free guidance scale `guidance`: when guided
     /// (w ≠ 1) and clipping, DDIM re-derives ε̂ from the clipped x̂_0 (GLIDE's choice for its
     /// guided sampling). Guidance extrapolates the model's output, so x̂_0 leaves [-1, 1] early in
