@@ -631,7 +631,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 args.model.display(),
                 args.sampling.sampler,
                 args.sampling.steps,
-                args.sampling.settings(),
+                args.sampling.settings(spacing),
                 if requested.is_empty() {
                     String::new()
                 } else {

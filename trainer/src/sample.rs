@@ -93,17 +93,19 @@ impl SamplerArgs {
     }
 
     /// "50 ddim steps", with [`SamplerArgs::settings`].
-    pub fn describe(&self) -> String {
-        format!("{} {} steps{}", self.steps, self.sampler, self.settings())
+    pub fn describe(&self, info: &model_file::ModelInfo) -> String {
+        let settings = self.settings(info.timestep_spacing);
+        format!("{} {} steps{settings}", self.steps, self.sampler)
     }
 
-    /// ", η 1, trailing spacing": η and the spacing where they are not the defaults.
-    pub fn settings(&self) -> String {
+    /// ", η 1, trailing spacing": η and the spacing where they are not the defaults (the
+    /// spacing: the flag's, else `model_spacing`, the one the model file names).
+    pub fn settings(&self, model_spacing: Option<TimestepSpacing>) -> String {
         let mut text = String::new();
         if self.eta != 0.0 {
             text.push_str(&format!(", η {}", self.eta));
         }
-        if let Some(spacing) = self.timestep_spacing {
+        if let Some(spacing) = self.timestep_spacing.or(model_spacing) {
             text.push_str(&format!(", {spacing} spacing"));
         }
         text
@@ -414,7 +416,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         (None, None) => Generation::new(model, info, sampler, &generate, device),
     }?
     .with_batch_threads(loaded.selected.batch_threads);
-    let what = sampling.describe();
+    let what = sampling.describe(&loaded.info);
     finish(generation, &loaded, out, &what, args.interpolate.is_some())
 }
 
@@ -721,19 +723,27 @@ mod tests {
         }
     }
 
-    /// The label of a run names η and the spacing only where they are not the defaults.
+    /// The label of a run names η and the spacing only where they are not the defaults; a
+    /// spacing the model file names is named too.
     #[test]
     fn describe_names_the_settings_that_differ() {
-        let parse = |flags: &[&str]| {
+        let mut info = model_file::ModelInfo::new(Default::default());
+        let parse = |flags: &[&str], info: &model_file::ModelInfo| {
             Cli::try_parse_from(std::iter::once("ddpm").chain(flags.iter().copied()))
                 .unwrap()
                 .sampling
-                .describe()
+                .describe(info)
         };
-        assert_eq!(parse(&[]), "50 ddim steps");
+        assert_eq!(parse(&[], &info), "50 ddim steps");
         assert_eq!(
-            parse(&["--eta", "1", "--timestep-spacing", "trailing"]),
+            parse(&["--eta", "1", "--timestep-spacing", "trailing"], &info),
             "50 ddim steps, η 1, trailing spacing"
+        );
+        info.timestep_spacing = Some(TimestepSpacing::Linspace);
+        assert_eq!(parse(&[], &info), "50 ddim steps, linspace spacing");
+        assert_eq!(
+            parse(&["--timestep-spacing", "leading"], &info),
+            "50 ddim steps, leading spacing"
         );
     }
 }
