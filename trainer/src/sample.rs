@@ -92,20 +92,22 @@ impl SamplerArgs {
         .guided(guidance)
     }
 
-    /// "50 ddim steps", with [`SamplerArgs::settings`].
+    /// "50 ddim steps", with [`SamplerArgs::settings`] for the spacing these flags sample
+    /// `info`'s model with ([`SamplerOptions::for_model`]).
     pub fn describe(&self, info: &model_file::ModelInfo) -> String {
-        let settings = self.settings(info.timestep_spacing);
+        let spacing = self.options(true, 1.0).for_model(info).timestep_spacing;
+        let settings = self.settings(spacing);
         format!("{} {} steps{settings}", self.steps, self.sampler)
     }
 
-    /// ", η 1, trailing spacing": η and the spacing where they are not the defaults (the
-    /// spacing: the flag's, else `model_spacing`, the one the model file names).
-    pub fn settings(&self, model_spacing: Option<TimestepSpacing>) -> String {
+    /// ", η 1, trailing spacing": η, and `spacing` (the one in use: the flag's, else the model
+    /// file's), where they are not the defaults.
+    pub fn settings(&self, spacing: Option<TimestepSpacing>) -> String {
         let mut text = String::new();
         if self.eta != 0.0 {
             text.push_str(&format!(", η {}", self.eta));
         }
-        if let Some(spacing) = self.timestep_spacing.or(model_spacing) {
+        if let Some(spacing) = spacing {
             text.push_str(&format!(", {spacing} spacing"));
         }
         text
