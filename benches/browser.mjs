@@ -66,7 +66,7 @@ try {
   console.log(`Chromium: relaxed SIMD ${relaxed ? "validates" : "does not validate"}; the page runs the ${chosen} module`);
   // The page as a visitor without WebGPU uses it: its own default settings, Generate pressed,
   // until the grid is done (three times; the median).
-  const defaults = await page.evaluate(() => ["n", "steps", "guidance", "sampler"].map((id) => `${id} ${document.getElementById(id).value}`).join(", "));
+  const defaults = await page.evaluate(() => ["n", "steps", "guidance", "sampler", "eta"].map((id) => `${id} ${document.getElementById(id).value}`).join(", "));
   const grids = [];
   for (let i = 0; i < 3; i++) {
     await page.evaluate(() => { window.ddpmPage.firstStepMs = null; window.ddpmPage.last = null; });

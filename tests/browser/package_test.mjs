@@ -36,7 +36,7 @@ try {
   const bytes = new Uint8Array(await (await fetch("model.safetensors")).arrayBuffer());
   const d = await Diffusion.load(bytes, "cpu", { workers: 2 });
   let previews = 0;
-  const out = await d.sample({ n: inputs.n, steps: inputs.steps, sampler: inputs.sampler, seed: inputs.seed,
+  const out = await d.sample({ n: inputs.n, steps: inputs.steps, sampler: inputs.sampler, eta: inputs.eta, seed: inputs.seed,
     classLabel: inputs.class, guidance: inputs.guidance, onStep: () => { previews += 1; } });
   window.result = { pixels: Array.from(out.pixels), workers: d.workers, note: d.backendNote(), previews };
 } catch (e) {

@@ -185,7 +185,7 @@ async function otherModule(browser, label, relaxed) {
     await ddpm.default({ wasm: new URL(`/${wasm}`, location.href) });
     const bytes = new Uint8Array(await (await fetch("/fashion-mnist.safetensors")).arrayBuffer());
     const d = await ddpm.Diffusion.load(bytes, "cpu");
-    const o = await d.sample({ n: i.n, steps: i.steps, sampler: i.sampler, seed: i.seed, classLabel: i.class, guidance: i.guidance });
+    const o = await d.sample({ n: i.n, steps: i.steps, sampler: i.sampler, eta: i.eta, seed: i.seed, classLabel: i.class, guidance: i.guidance });
     const note = d.backendNote();
     d.free();
     return { variant: ddpm.wasmVariant, note, pixels: Array.from(o.pixels) };
@@ -269,7 +269,7 @@ async function editsMatchNative(page, label) {
   const vary = await runEdit(page, "#vary");
   check(vary.last && !vary.error, `${label}: Vary finished (${vary.ms} ms)${vary.error ? `: ${vary.error}` : ""}`);
   if (vary.last) {
-    const want = nativeRun("vary", ["img2img", ...common, "--strength", "0.5", "--steps", "8", "--sampler", "ddim"]);
+    const want = nativeRun("vary", ["img2img", ...common, "--strength", "0.5", "--steps", "8", "--sampler", "ddim", "--eta", String(inputs.eta)]);
     const diff = maxDiff(vary.last.pixels, want);
     check(diff <= 1e-3, `${label}: Vary equals ddpm img2img (max |diff| ${diff.toExponential(2)} ≤ 1e-3)`);
   }
@@ -350,7 +350,7 @@ async function responsive(page, label) {
   const defaults = await page.evaluate(() => {
     window.ddpmPage.firstStepMs = null;
     const out = {};
-    for (const id of ["sampler", "steps", "seed", "n", "class", "guidance", "every"]) {
+    for (const id of ["sampler", "eta", "steps", "seed", "n", "class", "guidance", "every"]) {
       const el = document.getElementById(id);
       el.value = el.tagName === "SELECT" ? [...el.options].find((o) => o.defaultSelected)?.value ?? el.value : el.defaultValue;
       out[el.id] = el.value;
@@ -364,7 +364,7 @@ async function responsive(page, label) {
     w.observer?.disconnect();
     return { tasks: w.tasks, gap: w.gap, first: window.ddpmPage.firstStepMs };
   });
-  check(last && !error, `${label}: the page's default grid (${defaults.n} images, ${defaults.steps} steps, guidance ${defaults.guidance}) finished (${ms} ms, first preview after ${watch.first?.toFixed(0)} ms)${error ? `: ${error}` : ""}`);
+  check(last && !error, `${label}: the page's default grid (${defaults.n} images, ${defaults.steps} steps, η ${defaults.eta}, guidance ${defaults.guidance}) finished (${ms} ms, first preview after ${watch.first?.toFixed(0)} ms)${error ? `: ${error}` : ""}`);
   const worst = watch.tasks === null ? null : Math.max(0, ...watch.tasks);
   if (watch.tasks !== null) {
     check(watch.tasks.length === 0, `${label}: no main-thread task over 50 ms while sampling (${watch.tasks.length} long tasks, longest ${worst.toFixed(0)} ms)`);
@@ -544,6 +544,9 @@ try {
     await setInputs(page, { ...settings.inputs, steps: 5000 });
     const many = await generate(page);
     check(/steps = 5000: choose 1 to 1000/.test(many.error), `steps = 5000 is refused ("${many.error}")`);
+    await setInputs(page, { ...settings.inputs, eta: -0.5 });
+    const negative = await generate(page);
+    check(/η \(eta\) is -0.5: choose a number ≥ 0/.test(negative.error), `η = -0.5 is refused ("${negative.error}")`);
 
     await cancelRun(page, "cpu");
 

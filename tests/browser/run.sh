@@ -9,13 +9,14 @@ cd "$(dirname "$0")/../.."
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-# The page's settings and the same ones for `ddpm sample` (class 0 = the first class).
+# The page's settings and the same ones for `ddpm sample` (class 0 = the first class; η = 0.5,
+# the page's default, so DDIM's own noise is drawn as natively).
 cat > "$work/settings.json" <<JSON
-{ "inputs": { "sampler": "ddim", "steps": 4, "seed": 3, "n": 4, "class": 0, "guidance": 2, "every": 1 } }
+{ "inputs": { "sampler": "ddim", "eta": 0.5, "steps": 4, "seed": 3, "n": 4, "class": 0, "guidance": 2, "every": 1 } }
 JSON
 # `ddpm sample` with those settings: native_sample MODEL OUT.npy
 native_sample() {
-  target/debug/ddpm sample --model "$1" --sampler ddim --steps 4 \
+  target/debug/ddpm sample --model "$1" --sampler ddim --eta 0.5 --steps 4 \
     --seed 3 --n 4 --class 0 --guidance 2 --backend cpu --format npy --out "$2"
 }
 native_sample web/assets/fashion-mnist.safetensors "$work/native.npy"

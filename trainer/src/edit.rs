@@ -58,7 +58,7 @@ pub struct InpaintArgs {
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
     /// η of RePaint's step (0 = deterministic as diffusers' default, 1 = DDPM's variance).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub eta: f64,
 }
 

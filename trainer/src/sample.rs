@@ -70,7 +70,7 @@ pub struct SamplerArgs {
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
     /// DDIM's η (0 = deterministic, 1 = as noisy as DDPM).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub eta: f64,
     /// Which of the T training timesteps the steps visit (diffusers' `timestep_spacing`):
     /// leading (starts below T−1), trailing (starts at T−1) or linspace. Default: the model

@@ -445,6 +445,22 @@ fn bad_inputs_get_clear_errors() {
         text.contains("choose a class with --class") && text.contains("ankle-boot"),
         "{text}"
     );
+    // A negative η reaches the sampler's check (not clap's "unexpected argument").
+    let text = fails(&[
+        "sample",
+        "--model",
+        p(&bundled),
+        "--class",
+        "0",
+        "--eta",
+        "-0.5",
+        "--backend",
+        "cpu",
+    ]);
+    assert!(
+        text.contains("η (eta) is -0.5") && text.contains("choose a number ≥ 0"),
+        "{text}"
+    );
 
     let junk = dir.join("junk.safetensors");
     std::fs::write(&junk, b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!").unwrap();

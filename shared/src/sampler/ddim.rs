@@ -94,7 +94,8 @@ impl DdimSampler {
         check_steps(num_inference_steps, t_total)?;
         if !(options.eta >= 0.0 && options.eta.is_finite()) {
             return Err(Error::InvalidSampler(format!(
-                "DDIM eta must be a finite number >= 0, got {}",
+                "DDIM's η (eta) is {}: choose a number ≥ 0 (0 = deterministic, 1 = as noisy as \
+                 the ancestral sampler)",
                 options.eta
             )));
         }
