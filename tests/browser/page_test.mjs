@@ -8,7 +8,8 @@
 //     the native ones within 1e-3; the canvas shows them (not blank, not noise).
 //  2. With WebGPU unavailable the page says it runs on the CPU, and generates the same images.
 //  3. A corrupt model file gives a message on the page; generation still works with the
-//     previous model. Out-of-range settings give a message; a long run can be cancelled.
+//     previous model. Out-of-range settings give a message (η too, which the page shows only for
+//     DDIM); a long run can be cancelled.
 //  4. Editing, on both backends: a generated image is picked by clicking it, a mask is painted
 //     with the mouse, Inpaint and Vary run; their results equal `ddpm inpaint` / `ddpm img2img`
 //     run natively on the same picture and mask (written out as PNGs) within 1e-3, and the
@@ -544,6 +545,12 @@ try {
     await setInputs(page, { ...settings.inputs, steps: 5000 });
     const many = await generate(page);
     check(/steps = 5000: choose 1 to 1000/.test(many.error), `steps = 5000 is refused ("${many.error}")`);
+    // η belongs to DDIM: the page shows it only while DDIM is the sampler.
+    const etaShown = async () => page.$eval("#eta-box", (e) => getComputedStyle(e).display !== "none");
+    await page.select("#sampler", "dpm-solver++");
+    const hiddenForSolver = !(await etaShown());
+    await page.select("#sampler", "ddim");
+    check(hiddenForSolver && (await etaShown()), "η is offered with DDIM and hidden with DPM-Solver++");
     await setInputs(page, { ...settings.inputs, eta: -0.5 });
     const negative = await generate(page);
     check(/η \(eta\) is -0.5: choose a number ≥ 0/.test(negative.error), `η = -0.5 is refused ("${negative.error}")`);

@@ -168,8 +168,8 @@ pub fn inpaint(args: InpaintArgs) -> Result<()> {
     };
     let repaint = RePaint::new(&schedule, info.prediction, &options).with_context(|| {
         format!(
-            "--steps {}, --jump {}, --resample {}: RePaint cannot run these",
-            args.steps, args.jump, args.resample
+            "--steps {}, --jump {}, --resample {}, --eta {}: RePaint cannot run these",
+            args.steps, args.jump, args.resample, args.eta
         )
     })?;
     let (image, size) = read_image(&args.image, info, device)?;
