@@ -9,7 +9,7 @@
 // as on the page). Then `ddpm bench`
 // times the same forwards natively (an 8- and a 16-image batch, the same model file) on 1 thread
 // and on all threads. Prints both and their ratios, and the time the page takes for its default
-// grid (Generate pressed, the page's own settings). Needs `trunk build --release` output in
+// grid (Generate pressed, the page's own settings), beside the same grid at η = 0. Needs `trunk build --release` output in
 // dist/ and a built `ddpm`. Then `ddpm bench --ceiling` measures what bounds the ratios: one
 // core's peak fused multiply-add rate at 4 lanes (the width of every WebAssembly SIMD
 // instruction) and at the CPU's widest, and the matrix products' GFLOP per forward; it prints
@@ -67,15 +67,24 @@ try {
   // The page as a visitor without WebGPU uses it: its own default settings, Generate pressed,
   // until the grid is done (three times; the median).
   const defaults = await page.evaluate(() => ["n", "steps", "guidance", "sampler", "eta"].map((id) => `${id} ${document.getElementById(id).value}`).join(", "));
-  const grids = [];
-  for (let i = 0; i < 3; i++) {
-    await page.evaluate(() => { window.ddpmPage.firstStepMs = null; window.ddpmPage.last = null; });
-    const start = Date.now();
-    await page.click("#generate");
-    await page.waitForFunction(() => window.ddpmPage.last && !window.ddpmPage.running, { polling: 50 });
-    grids.push({ ms: Date.now() - start, first: await page.evaluate(() => window.ddpmPage.firstStepMs) });
-  }
-  grid = { defaults, ms: median(grids.map((g) => g.ms)), first: median(grids.map((g) => g.first)) };
+  const timeGrids = async () => {
+    const grids = [];
+    for (let i = 0; i < 3; i++) {
+      await page.evaluate(() => { window.ddpmPage.firstStepMs = null; window.ddpmPage.last = null; });
+      const start = Date.now();
+      await page.click("#generate");
+      await page.waitForFunction(() => window.ddpmPage.last && !window.ddpmPage.running, { polling: 50 });
+      grids.push({ ms: Date.now() - start, first: await page.evaluate(() => window.ddpmPage.firstStepMs) });
+    }
+    return { ms: median(grids.map((g) => g.ms)), first: median(grids.map((g) => g.first)) };
+  };
+  grid = { defaults, ...(await timeGrids()) };
+  // The reference in the same run: the same grid with DDIM deterministic (η = 0), which draws
+  // no noise after the first.
+  const defaultEta = await page.$eval("#eta", (e) => e.value);
+  await page.$eval("#eta", (e) => { e.value = "0"; });
+  grid.eta0 = await timeGrids();
+  await page.$eval("#eta", (e, v) => { e.value = v; }, defaultEta);
   // Each wasm module on a page of its own (a module is started once per page): the one the page
   // chose for this browser (relaxed SIMD where it validates) and the plain simd128 one.
   const variants = relaxed ? ["ddpm-web-relaxed.wasm", "ddpm-web_bg.wasm"] : ["ddpm-web_bg.wasm"];
@@ -142,7 +151,8 @@ for (const variant of ["relaxed-simd", "simd128"]) {
   }
 }
 console.log(`the page's default grid without WebGPU (${grid.defaults}; ${cores} workers, the ${chosen} module): ` +
-  `${(grid.ms / 1000).toFixed(1)} s from Generate to the finished grid, first preview after ${grid.first.toFixed(0)} ms (median of 3)`);
+  `${(grid.ms / 1000).toFixed(1)} s from Generate to the finished grid, first preview after ${grid.first.toFixed(0)} ms (median of 3); ` +
+  `at η = 0 ${(grid.eta0.ms / 1000).toFixed(1)} s and ${grid.eta0.first.toFixed(0)} ms (ratio ${(grid.ms / grid.eta0.ms).toFixed(2)})`);
 
 // What bounds the ratios: the 4-lane peak against the rates reached.
 const ceilingOut = join(mkdtempSync(join(tmpdir(), "ddpm-bench-")), "ceiling.json");
