@@ -9,8 +9,8 @@
 // as on the page). Then `ddpm bench`
 // times the same forwards natively (an 8- and a 16-image batch, the same model file) on 1 thread
 // and on all threads. Prints both and their ratios, and the time the page takes for its default
-// grid (Generate pressed, the page's own settings), beside the same grid at η = 0. Needs `trunk build --release` output in
-// dist/ and a built `ddpm`. Then `ddpm bench --ceiling` measures what bounds the ratios: one
+// grid (Generate pressed, the page's own settings), beside the same grid at η = 0. Needs
+// `trunk build --release` output in dist/ and a built `ddpm`. Then `ddpm bench --ceiling` measures what bounds the ratios: one
 // core's peak fused multiply-add rate at 4 lanes (the width of every WebAssembly SIMD
 // instruction) and at the CPU's widest, and the matrix products' GFLOP per forward; it prints
 // them with the rate each side reached.
